@@ -1,0 +1,66 @@
+"""Forward+backward time of CCAR(CE) relative to plain ``F.cross_entropy``, measured side by side on this machine.
+
+Both candidates run interleaved in alternating blocks (warm-up excluded) and the median block time is reported,
+so machine noise hits both alike. Also shown: the naive composition (Omega from tensor ops, autograd through it)
+that the fused kernel replaces. Target (issue #2): CCAR(CE) <= 1.2x cross-entropy at both sizes.
+
+    python benchmarks/loss_overhead.py [--threads 2] [--blocks 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ccar.losses import build_loss, omega_weight
+
+
+def naive_ccar(logits, targets, freq):
+    log_pt = torch.log_softmax(logits, 1).gather(1, targets[:, None]).squeeze(1)
+    return (omega_weight(log_pt.exp(), freq[targets]) * -log_pt).mean()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.blocks} interleaved blocks")
+    print(f"{'B x C':>12} {'CE us':>9} {'CCAR us':>9} {'ratio':>6} {'naive us':>9} {'ratio':>6}")
+    for batch, classes in [(1024, 1000), (128, 100)]:
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.randint(1, 1000, (classes,), generator=gen).tolist()
+        freq = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+        x = torch.randn(batch, classes, generator=gen).requires_grad_()
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        ccar = build_loss("ccar", counts, base="ce")
+        candidates = {
+            "ce": lambda: F.cross_entropy(x, y).backward(),
+            "ccar": lambda: ccar(x, y).backward(),
+            "naive": lambda: naive_ccar(x, y, freq).backward(),
+        }
+        reps = max(5, int(2e6 / (batch * classes)))  # ~equal work per block at both sizes
+        times = {k: [] for k in candidates}
+        for fn in candidates.values():
+            for _ in range(reps):
+                fn()  # warm-up
+        for _ in range(args.blocks):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times[name].append((time.perf_counter() - start) / reps * 1e6)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(
+            f"{batch:>5} x {classes:<5} {med['ce']:9.1f} {med['ccar']:9.1f} {med['ccar'] / med['ce']:5.2f}x "
+            f"{med['naive']:9.1f} {med['naive'] / med['ce']:5.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
