@@ -29,7 +29,7 @@ def make_idx_dataset(root: Path, n_per_class=(40,) * 10, test_per_class=6, size=
     for split, per in (("train", list(n_per_class)), ("t10k", [test_per_class] * len(n_per_class))):
         labels = np.concatenate([np.full(n, c, np.uint8) for c, n in enumerate(per)])
         rng.shuffle(labels)
-        images = (rng.integers(0, 40, (len(labels), size, size)) + labels[:, None, None] * 22).clip(0, 255)
+        images = (rng.integers(0, 12, (len(labels), size, size)) + labels[:, None, None] * 25).clip(0, 255)
         write_idx(root / f"{split}-images-idx3-ubyte", images.astype(np.uint8), gz)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels, gz)
     return root

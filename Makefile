@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:  `make train`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch first and pinned: the local CPU wheel here; override (e.g. TORCH=torch) for your own CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ccar-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test data bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[plot,dev]"
+	touch $@
+
+data:
+	@sh scripts/get-fashion-mnist.sh
+
+# The main job: CCAR over logit adjustment on Fashion-MNIST-LT (imbalance 100); results in runs/.
+train: $(STAMP) data
+	$(BIN)/ccar train $(ARGS)
+
+# The whole test suite (unit, property, end-to-end, and the slow real-data tests).
+test: $(STAMP) data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/loss_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,82 @@
+"""The ``ccar`` command: ``train``, ``eval``, ``sweep``. User errors print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import CCARError
+
+EPILOG = """examples:
+  ccar train                                   # the default job: CCAR over LA on Fashion-MNIST-LT (IF 100)
+  ccar train loss.name=ce epochs=30 out=runs/ce
+  ccar train --config configs/cifar100-lt.yaml data_root=~/data loss.base=ldam loss.drw_epoch=160
+  ccar train out=runs/ce --resume              # continue an interrupted run
+  ccar eval runs/ce posthoc_tau=1.0            # re-evaluate on the test set, with post-hoc logit adjustment
+  ccar sweep configs/sweeps/fashion-mnist-lt.yaml
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ccar", description="Long-tailed classification with CCAR.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run (default: the built-in Fashion-MNIST-LT job)")
+    t.add_argument("--config", help="YAML recipe (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue the run in `out` from its checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    e = sub.add_parser("eval", help="evaluate a finished run's model on the test set")
+    e.add_argument("run_dir")
+    e.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation (default) or last epoch")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    s = sub.add_parser("sweep", help="run a grid of runs and write a report with mean ± std over seeds")
+    s.add_argument("sweep_file")
+    s.add_argument("--out", help="sweep folder (default: the file's `out`)")
+    s.add_argument("--jobs", type=int, default=None, help="runs at once (default: the file's `jobs`, else 1)")
+    s.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from .engine.config import load_config
+    from .engine.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .engine.evaluate_run import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.which, args.overrides)
+    print(result["table"])
+    print(f"written: {result['path']}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(args.sweep_file, out=args.out, jobs=args.jobs, report_only=args.report_only)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep}[args.command]
+    try:
+        return handler(args)
+    except CCARError as exc:
+        print(f"ccar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ccar {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Checkpoints as one safetensors file, written atomically (temp file, fsync, rename).
+
+The file holds the model, the best-on-validation model, the optimizer state and a JSON header (epoch, history,
+best metric, config). Nothing is ever unpickled on load: safetensors stores raw tensors and strings only, so a
+crafted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import TrainingError
+
+FORMAT = "ccar-checkpoint-1"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the result over ``path``; a crash leaves the old file intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for idx, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["plain"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _weights(model: torch.nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: Path, model, optimizer, best_state: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]) -> None:
+    tensors = _weights(model, "model.")
+    if best_state is not None:
+        tensors.update({"best." + k: v.detach().cpu().contiguous() for k, v in best_state.items()})
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
+    header = {"format": FORMAT, "meta": json.dumps(meta), "optimizer": json.dumps(opt_meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
+    """(tensors, meta, optimizer meta) of a checkpoint; a corrupt or foreign file raises :class:`TrainingError`."""
+    path = Path(path)
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise TrainingError(f"{path} is not a ccar checkpoint (format {header.get('format')!r})")
+        return tensors, json.loads(header["meta"]), json.loads(header["optimizer"])
+    except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_into(model, optimizer, tensors, opt_meta) -> Optional[Dict[str, torch.Tensor]]:
+    """Restore model and optimizer; returns the best-model state (or None)."""
+    model.load_state_dict(split_prefix(tensors, "model."))
+    _restore_optimizer(optimizer, tensors, opt_meta)
+    best = split_prefix(tensors, "best.")
+    return best or None
+
+
+def save_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(Path(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read weights {path}: {exc}") from exc

@@ -1,0 +1,233 @@
+"""Typed run configuration: dataclasses, YAML files and ``key=value`` overrides with dotted keys.
+
+Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key and listing the valid ones.
+The defaults are the built-in default job: CCAR over logit adjustment on Fashion-MNIST-LT, imbalance 100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from ..errors import ConfigError
+
+
+@dataclass
+class LossConfig:
+    """``name`` in ce, focal, cb, cb-focal, ldam, la, bs, ccar; unset (null) options take the loss's defaults."""
+
+    name: str = "ccar"
+    base: Optional[str] = "la"  # ccar only
+    omega: Optional[float] = None
+    power_base: Optional[float] = None
+    detach_weight: Optional[bool] = None
+    normalize: Optional[str] = None
+    frequency: Optional[str] = None
+    strength: Optional[float] = None
+    gamma: Optional[float] = None
+    beta: Optional[float] = None
+    form: Optional[str] = None
+    tau: Optional[float] = None
+    max_margin: Optional[float] = None
+    scale: Optional[float] = None
+    drw_epoch: Optional[int] = None
+    drw_beta: Optional[float] = None
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword options for :func:`ccar.losses.build_loss` (set ones only; ``base`` only for ccar)."""
+        opts = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "name"}
+        if self.name != "ccar":
+            opts.pop("base", None)
+        return opts
+
+    @property
+    def uses_ldam(self) -> bool:
+        return self.name == "ldam" or (self.name == "ccar" and self.base == "ldam")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
+    width: int = 16  # cnn
+    depth: int = 32  # resnet_cifar
+    hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
+    head: str = "auto"  # linear, cosine; auto = cosine for LDAM
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd, adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    warmup_epochs: int = 1
+    schedule: str = "cosine"  # cosine, multistep, constant
+    milestones: List[int] = field(default_factory=lambda: [160, 180])
+    decay: float = 0.01  # multistep factor per milestone
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist-lt"
+    data_root: Optional[str] = None
+    imbalance: Optional[float] = None  # default 100 for the synthetic long tails
+    profile: str = "exp"
+    val_fraction: float = 0.1
+    seed: int = 0
+    epochs: int = 15
+    out: Optional[str] = None  # run folder; default runs/<dataset>-<loss>-s<seed>
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
+    channels_last: bool = False
+    compile: bool = False
+    threads: int = 0  # CPU threads (0: torch's default)
+    workers: int = 4  # DataLoader workers for file-backed datasets
+    image_size: int = 224  # file-backed datasets
+    posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation
+    checkpoint_every: int = 1  # epochs
+    progress: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        loss = self.loss.name + (f"-{self.loss.base}" if self.loss.name == "ccar" else "")
+        return Path("runs") / f"{self.dataset}-{loss}-s{self.seed}"
+
+
+# --- (de)serialisation -----------------------------------------------------------------------------------------------
+
+
+def _fields(cls) -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (after YAML parsing), converting int -> float where natural."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List, Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(obj, mapping: Dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {mapping!r}")
+    fields = _fields(type(obj))
+    hints = typing.get_type_hints(type(obj))
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}; valid keys{(' of ' + prefix.rstrip('.')) if prefix else ''}: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
+    cfg = TrainConfig()
+    _apply(cfg, data or {})
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file ``path``, then ``key=value`` overrides (``optim.lr=0.05``, ``loss.base=la``)."""
+    cfg = TrainConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text") from exc
+        try:
+            _apply(cfg, data if data is not None else {})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def parse_override(item: str) -> tuple:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. loss.name=ce, optim.lr=0.05)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}") from exc
+    return key, value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    for item in overrides:
+        key, value = parse_override(item)
+        nested: Dict[str, Any] = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(cfg, nested)
+    return cfg
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,42 @@
+"""Re-evaluate a finished run's saved model on the test set (``ccar eval``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..data import build_dataset, normalize
+from ..errors import ConfigError
+from ..models import build_model
+from ..report.tables import metrics_table
+from . import checkpoint as ckpt
+from .config import load_config
+from .distributed import DistContext
+from .train import amp_dtype, evaluate_split, make_loaders, resolve_device
+
+
+def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
+    """Metrics of ``run_dir``'s ``best`` or ``last`` weights; overrides such as ``posthoc_tau=1`` or ``data_root``."""
+    config = run_dir / "config.yaml"
+    weights = run_dir / f"{which}.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise ConfigError(f"{run_dir} is not a finished ccar run (needs config.yaml and {weights.name})")
+    cfg = load_config(str(config), overrides)
+    device = resolve_device(cfg.device)
+    data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
+    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
+                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine).to(device)
+    model.load_state_dict(ckpt.load_weights(weights))
+    _, eval_batches = make_loaders(data, cfg, device, DistContext())
+    prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731
+    metrics = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, DistContext(),
+                             amp_dtype(cfg.amp, device), cfg.posthoc_tau)
+    suffix = f"-posthoc{cfg.posthoc_tau:g}" if cfg.posthoc_tau else ""
+    path = run_dir / f"eval-{which}{suffix}.json"
+    path.write_text(json.dumps(metrics, indent=1))
+    label = which + (f" +LA τ={cfg.posthoc_tau:g}" if cfg.posthoc_tau else "")
+    return {"metrics": metrics, "path": path, "table": metrics_table({label: metrics}, data.class_counts)}

@@ -1,0 +1,327 @@
+"""The training engine: one loop, readable top to bottom (:func:`train`), plus test-set evaluation of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
+from ..errors import ConfigError, TrainingError
+from ..losses import build_loss, posthoc_logit_adjustment
+from ..models import build_model
+from . import checkpoint as ckpt
+from .config import OptimConfig, TrainConfig, save_config, to_dict
+from .distributed import DistContext, init_distributed
+from .evaluate import classification_metrics, predict
+
+
+# --- set-up helpers -------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: {exc}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if mode not in choices:
+        raise ConfigError(f"amp must be one of auto, bf16, fp16, off; got {mode!r}")
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=off on the CPU")
+    return choices[mode]
+
+
+def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
+    """Learning rate for the step that ends at fractional epoch ``t`` (> 0): linear warm-up, then cosine,
+    multistep (x ``decay`` at each milestone epoch) or constant.
+
+    >>> o = OptimConfig(lr=0.1, warmup_epochs=5, schedule="multistep", milestones=[160, 180], decay=0.01)
+    >>> [round(lr_at(o, 200, t), 6) for t in (1.0, 5.5, 160.5, 199.9)]
+    [0.02, 0.1, 0.001, 1e-05]
+    """
+    if o.warmup_epochs > 0 and t <= o.warmup_epochs:
+        return o.lr * t / o.warmup_epochs
+    if o.schedule == "cosine":
+        span = max(1e-9, epochs - o.warmup_epochs)
+        return 0.5 * o.lr * (1.0 + math.cos(math.pi * min(1.0, (t - o.warmup_epochs) / span)))
+    if o.schedule == "multistep":
+        return o.lr * o.decay ** sum(int(t) >= m for m in o.milestones)
+    if o.schedule == "constant":
+        return o.lr
+    raise ConfigError(f"optim.schedule must be cosine, multistep or constant; got {o.schedule!r}")
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and bias parameters (standard for the CIFAR-LT recipes' ResNets too).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    raise ConfigError(f"optim.name must be sgd or adamw; got {o.name!r}")
+
+
+def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
+    """Fail before training, not after hours, when the run folder is unwritable or the disk too full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"output folder {run_dir} is not writable ({exc.strerror or exc}); choose another with out=DIR") from exc
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise TrainingError(
+            f"only {free / 2**20:.0f} MiB free at {run_dir}; checkpoints need about {needed_bytes / 2**20:.0f} MiB"
+        )
+
+
+def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx: DistContext):
+    """(train loader, eval loader factory). Small sets: device-resident tensors; file sets: DataLoader workers."""
+    bs = cfg.optim.batch_size
+    if data.in_memory:
+        images = data.train[0]
+        if device.type == "cuda":
+            needed = images.numel() * images.element_size()
+            free, _ = torch.cuda.mem_get_info(device)
+            if needed > 0.5 * free:
+                raise TrainingError(
+                    f"{data.name}: the training set needs {needed / 2**30:.1f} GiB on {device} but only "
+                    f"{free / 2**30:.1f} GiB are free; use a file-backed dataset (streamed) or device=cpu"
+                )
+        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, seed=cfg.seed, device=device,
+                             rank=ctx.rank, world_size=ctx.world_size)
+
+        def eval_batches(split):
+            return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=device,
+                                rank=ctx.rank, world_size=ctx.world_size)
+    else:
+        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
+
+        def eval_batches(split):
+            return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
+    return train, eval_batches
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled or None, dynamic_ncols=True, leave=False, unit="step", file=sys.stderr)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object]:
+    """Train ``cfg`` into its run folder; returns the metrics written to ``metrics.json``."""
+    ctx = init_distributed(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir()
+    state_path = run_dir / "checkpoint.safetensors"
+    if not resume and state_path.exists():
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out=DIR")
+    if resume and not state_path.exists():
+        raise TrainingError(f"--resume: no checkpoint at {state_path}")
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+
+    data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
+    counts = data.class_counts  # from the whole training split, so identical (global) on every rank
+    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
+                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.options()).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    n_params = sum(p.numel() for p in model.parameters())
+    if ctx.is_main:
+        check_output_dir(run_dir, needed_bytes=n_params * 4 * 4 + (64 << 20))
+        save_config(cfg, run_dir / "config.yaml")
+    dtype = amp_dtype(cfg.amp, device)
+    train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
+    prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    step_fn = torch.compile(net) if cfg.compile else net
+
+    start_epoch, history, best_val, best_state, elapsed = 0, [], -1.0, None, 0.0
+    if resume:
+        tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
+        best_state = ckpt.load_into(model, optimizer, tensors, opt_meta)
+        start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
+    if ctx.is_main:
+        log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}), "
+            f"loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
+        with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
+            f.writelines(json.dumps(h) + "\n" for h in history)
+    tb = _tensorboard(run_dir) if ctx.is_main else None
+
+    steps = len(train_loader)
+    bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        loss_fn.set_epoch(epoch)
+        _set_epoch(train_loader, epoch)
+        net.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+        for step, (x, y) in enumerate(train_loader):
+            lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = step_fn(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(_nonfinite_message(epoch, step, loss.item(), lr, dtype, x, run_dir))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                       torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            bar.update(1)
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        ctx.all_reduce_sum(totals)
+        train_seconds = time.perf_counter() - t0
+        val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau)
+        elapsed += time.perf_counter() - t0
+        loss_sum, correct, seen = totals.tolist()
+        record = {
+            "epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": 100 * correct / seen, "lr": lr,
+            "val_top1": val["top1"], "val_balanced": val["balanced"], "images_per_s": seen / train_seconds,
+            "seconds": elapsed,
+        }
+        history.append(record)
+        # Model selection on the validation split only: balanced (class-averaged) accuracy, which estimates the
+        # balanced test top-1 even though validation is long-tailed like training.
+        if val["balanced"] is not None and val["balanced"] > best_val:
+            best_val = val["balanced"]
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        eta = (cfg.epochs - epoch - 1) * elapsed / (epoch + 1 - start_epoch) if epoch >= start_epoch else 0
+        if ctx.is_main:
+            line = (f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['loss']:.4f}  train {record['train_top1']:5.1f}%  "
+                    f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)  lr {lr:.4f}  "
+                    f"{record['images_per_s']:,.0f} img/s  eta {_fmt_time(eta)}")
+            bar.write(line) if not bar.disable else log(line)
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for k, v in record.items():
+                    tb.add_scalar(k, v, epoch + 1)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
+                ckpt.save_checkpoint(state_path, model, optimizer, best_state, meta)
+        ctx.barrier()
+    bar.close()
+    if tb is not None:
+        tb.close()
+    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif getattr(loader, "sampler", None) is not None and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _nonfinite_message(epoch, step, value, lr, dtype, x, run_dir) -> str:
+    if not torch.isfinite(x).all():
+        cause = "the input batch itself holds NaN/Inf (bad data)"
+    elif dtype == torch.float16:
+        cause = "fp16 overflow (try amp=bf16 or amp=off)"
+    else:
+        cause = f"a learning rate too high for this model/loss (lr was {lr:.4g}; try optim.lr={lr / 10:.3g})"
+    return (f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}; likely cause: {cause}. "
+            f"The last good checkpoint is kept in {run_dir}; fix the cause and rerun with --resume")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None):
+    """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
+    logits, targets = predict(model, batches, prepare, device, dtype)
+    if ctx.enabled:
+        n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
+        logits, targets = ctx.all_gather_cat(logits.to(device)).cpu(), ctx.all_gather_cat(targets.to(device)).cpu()
+        # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
+        per = len(logits) // ctx.world_size
+        order = torch.arange(per * ctx.world_size).view(ctx.world_size, per).t().reshape(-1)
+        logits, targets = logits[order][:n], targets[order][:n]
+    if posthoc_tau:
+        logits = posthoc_logit_adjustment(logits, counts, posthoc_tau)
+    return classification_metrics(logits, targets, counts)
+
+
+def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
+    """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
+    run_dir = cfg.run_dir()
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results = {}
+    for which, state in (("last", last_state), ("best", best_state or last_state)):
+        model.load_state_dict(state)
+        results[which] = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, ctx,
+                                        dtype, cfg.posthoc_tau)
+    best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1 if history else 0
+    metrics = {
+        **{k: results["best"][k] for k in ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece")},
+        "val_top1": history[best_epoch - 1]["val_top1"] if history else None,
+        "val_balanced": history[best_epoch - 1]["val_balanced"] if history else None,
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+        "seconds": history[-1]["seconds"] if history else 0.0,
+        "class_counts": data.class_counts,
+        "selection": "best balanced accuracy on the validation split",
+        "best": results["best"],
+        "last": results["last"],
+    }
+    if ctx.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        ckpt.save_weights(run_dir / "best.safetensors", best_state or last_state)
+        ckpt.save_weights(run_dir / "last.safetensors", last_state)
+        from ..report.plots import run_figures
+        from ..report.tables import metrics_table
+
+        figures = run_figures(run_dir, cfg, metrics, history)
+        log(metrics_table({"best-on-val": results["best"], "last epoch": results["last"]}, data.class_counts))
+        log(f"results: {run_dir / 'metrics.json'}" + (f"; figures: {', '.join(str(f) for f in figures)}" if figures else ""))
+    return metrics

@@ -1,0 +1,162 @@
+"""Models: ResNet-32 for CIFAR, a compact CNN for 28x28 images, an MLP for tables, a cosine classifier head, and
+torchvision/timm backbones when those optional extras are installed."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+MODELS = ("resnet32", "cnn", "mlp", "resnet50", "resnext50", "timm:<name>")
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits = normalize(x) @ normalize(W), in [-1, 1]. Pair it with LDAM (scale s = 30)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+
+
+def _head(features: int, num_classes: int, cosine: bool) -> nn.Module:
+    return NormedLinear(features, num_classes) if cosine else nn.Linear(features, num_classes)
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free shortcut of the CIFAR ResNets (option A): subsample and zero-pad the channels."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _ShortcutA(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016), 16/32/64 channels; n = 5 is ResNet-32 (~0.46 M params)."""
+
+    def __init__(self, num_classes: int, depth: int = 32, in_channels: int = 3, cosine_head: bool = False):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ConfigError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = _head(64, num_classes, cosine_head)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Six 3x3 conv layers in three stages (width w, 2w, 4w) with BN and ReLU, global pooling, linear head."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, cosine_head: bool = False):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for stage, c in enumerate((width, 2 * width, 4 * width)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                c_in = c
+        self.features = nn.Sequential(*layers)
+        self.fc = _head(c_in, num_classes, cosine_head)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron for tabular features (Linear, BatchNorm, ReLU per hidden layer)."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: Sequence[int] = (256, 256), cosine_head: bool = False):
+        super().__init__()
+        layers, d = [], in_features
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            d = h
+        self.features = nn.Sequential(*layers)
+        self.fc = _head(d, num_classes, cosine_head)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _backbone(name: str, num_classes: int, cosine_head: bool) -> nn.Module:
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ConfigError(f"model.name={name} needs timm: pip install 'ccar[vision]'") from exc
+        model = timm.create_model(name[5:], pretrained=False, num_classes=num_classes)
+        if cosine_head:
+            model.reset_classifier(0)
+            model = nn.Sequential(model, NormedLinear(model.num_features, num_classes))
+        return model
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or torchvision built for another torch
+        raise ConfigError(
+            f"model.name={name} needs a torchvision that matches your torch ({exc}); pip install 'ccar[vision]'"
+        ) from exc
+    ctor = {"resnet50": torchvision.models.resnet50, "resnext50": torchvision.models.resnext50_32x4d}[name]
+    model = ctor(weights=None, num_classes=num_classes)
+    if cosine_head:
+        model.fc = NormedLinear(model.fc.in_features, num_classes)
+    return model
+
+
+def build_model(
+    name: str, num_classes: int, input_shape: Tuple[int, ...], *, width: int = 32, depth: int = 32,
+    hidden: Sequence[int] = (256, 256), cosine_head: bool = False,
+) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (C, H, W) or (F,).
+
+    >>> sum(p.numel() for p in build_model("resnet32", 100, (3, 32, 32)).parameters())
+    470292
+    """
+    if name == "resnet32" or name == "resnet_cifar":
+        return ResNetCifar(num_classes, depth, input_shape[0], cosine_head)
+    if name == "cnn":
+        return SmallCNN(num_classes, input_shape[0], width, cosine_head)
+    if name == "mlp":
+        if len(input_shape) != 1:
+            raise ConfigError(f"model.name=mlp is for tabular features; this dataset has inputs {input_shape}")
+        return MLP(num_classes, input_shape[0], hidden, cosine_head)
+    if name in ("resnet50", "resnext50") or name.startswith("timm:"):
+        return _backbone(name, num_classes, cosine_head)
+    raise ConfigError(f"unknown model.name {name!r}; valid: {', '.join(MODELS)}")

@@ -1,0 +1,34 @@
+"""Plain-text and Markdown tables of metrics."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+from ..engine.evaluate import rank_thirds, shot_groups
+
+
+def fmt(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def group_sizes(class_counts: Sequence[int]) -> str:
+    shots = {k: len(v) for k, v in shot_groups(class_counts).items()}
+    return ", ".join(f"{k} {n}" for k, n in shots.items())
+
+
+def metrics_table(rows: Dict[str, dict], class_counts: Sequence[int]) -> str:
+    """A fixed-width table of top-1, shot groups, rank thirds and ECE, one row per entry of ``rows``."""
+    thirds = rank_thirds(class_counts)
+    header = f"{'test (%)':<14}{'top-1':>7}{'many':>7}{'medium':>8}{'few':>6}{'head':>7}{'middle':>8}{'tail':>6}{'ECE':>7}"
+    lines = [header, "-" * len(header)]
+    for name, m in rows.items():
+        g = m["groups"]
+        lines.append(
+            f"{name:<14}{fmt(m['top1']):>7}{fmt(m['many']):>7}{fmt(m['medium']):>8}{fmt(m['few']):>6}"
+            f"{fmt(g['head']):>7}{fmt(g['middle']):>8}{fmt(g['tail']):>6}{fmt(m['ece']):>7}"
+        )
+    lines.append(
+        f"shot groups by training count (many > 100, medium 20-100, few < 20): {group_sizes(class_counts)} classes; "
+        f"head/middle/tail = thirds by class rank ({len(thirds['head'])}/{len(thirds['middle'])}/{len(thirds['tail'])})"
+    )
+    return "\n".join(lines)

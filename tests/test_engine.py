@@ -1,0 +1,194 @@
+"""End-to-end training, evaluation and resume on generated data; configs; metrics; the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccar import ConfigError, TrainingError
+from ccar.cli import main
+from ccar.engine import checkpoint as ckpt
+from ccar.engine.config import TrainConfig, load_config
+from ccar.engine.evaluate import classification_metrics, expected_calibration_error, rank_thirds
+from ccar.engine.train import train
+from conftest import make_csv, make_idx_dataset, make_image_tree
+
+FAST = ["model.width=4", "optim.batch_size=32", "optim.lr=0.05", "threads=1", "progress=false"]
+
+
+def cfg_for(root, out, *extra, epochs=3):
+    return load_config(None, [f"dataset=mnist-lt", f"data_root={root}", "imbalance=10", f"epochs={epochs}",
+                              f"out={out}", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_idx_dataset(tmp_path_factory.mktemp("digits"), n_per_class=(60,) * 10, test_per_class=10)
+
+
+def test_train_writes_a_complete_run_folder(digits, tmp_path):
+    metrics = train(cfg_for(digits, tmp_path / "run"), log=lambda *_: None)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "log.jsonl", "checkpoint.safetensors", "best.safetensors",
+                 "last.safetensors", "per_class.png", "omega.png", "curves.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("top1", "per_class", "many", "medium", "few", "groups", "val_top1", "epochs", "seconds"):
+        assert key in saved
+    assert saved["epochs"] == 3 and len((run / "log.jsonl").read_text().splitlines()) == 3
+    assert saved["top1"] > 30  # 10 classes separable by brightness: far above chance
+    assert metrics["best"]["top1"] == saved["top1"]
+    assert load_config(str(run / "config.yaml")).loss.base == "la"
+
+
+def test_same_seed_same_bits(digits, tmp_path):
+    a = train(cfg_for(digits, tmp_path / "a"), log=lambda *_: None)
+    b = train(cfg_for(digits, tmp_path / "b"), log=lambda *_: None)
+    assert a["best"] == b["best"] and a["last"] == b["last"]
+    wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(digits, tmp_path, monkeypatch):
+    full = train(cfg_for(digits, tmp_path / "full", epochs=4), log=lambda *_: None)
+    real_save, calls = ckpt.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed right after the second epoch's checkpoint
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(digits, tmp_path / "cut", epochs=4), log=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg_for(digits, tmp_path / "cut", epochs=4), log=lambda *_: None)
+    resumed = train(cfg_for(digits, tmp_path / "cut", epochs=4), resume=True, log=lambda *_: None)
+    assert resumed["best"] == full["best"] and resumed["last"] == full["last"]
+    wa, wb = load_file(tmp_path / "full" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("loss", [["loss.name=ce"], ["loss.name=ldam", "loss.drw_epoch=1"], ["loss.name=ccar", "loss.base=bs", "loss.detach_weight=true"], ["loss.name=cb-focal", "loss.beta=0.99"]])
+def test_every_loss_trains_from_the_config(digits, tmp_path, loss):
+    metrics = train(cfg_for(digits, tmp_path / "r", *loss, epochs=2), log=lambda *_: None)
+    assert metrics["top1"] is not None and metrics["epochs"] == 2
+
+
+def test_tabular_csv_with_mlp(tmp_path):
+    root = make_csv(tmp_path / "csv", counts=(80, 20, 6))
+    cfg = load_config(None, ["dataset=csv", f"data_root={root}", "model.name=mlp", "model.hidden=[16]", "epochs=3",
+                             f"out={tmp_path / 'r'}", "optim.batch_size=16", "progress=false", "val_fraction=0.2"])
+    metrics = train(cfg, log=lambda *_: None)
+    assert metrics["top1"] > 50
+
+
+def test_file_backed_dataset_streams_through_a_dataloader(tmp_path):
+    root = make_image_tree(tmp_path / "imgs", counts=(8, 4, 2), size=20)
+    cfg = load_config(None, ["dataset=imagenet-lt", f"data_root={root}", "model.width=4", "epochs=1", "workers=0",
+                             "image_size=16", f"out={tmp_path / 'r'}", "optim.batch_size=4", "progress=false"])
+    metrics = train(cfg, log=lambda *_: None)
+    assert metrics["epochs"] == 1 and len(metrics["per_class"]) == 3
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_the_checkpoint(digits, tmp_path):
+    cfg = cfg_for(digits, tmp_path / "nan", "optim.lr=1e30", "loss.name=ce", "optim.warmup_epochs=0", epochs=2)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1, step \d+; likely cause: a learning rate"):
+        train(cfg, log=lambda *_: None)
+
+
+def test_unwritable_output_fails_before_training(digits, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TrainingError, match="not writable"):
+        train(cfg_for(digits, blocker / "run"), log=lambda *_: None)
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_default_job_and_yaml_matches():
+    cfg = TrainConfig()
+    assert (cfg.dataset, cfg.loss.name, cfg.loss.base) == ("fashion-mnist-lt", "ccar", "la")
+    assert load_config("configs/default.yaml") == cfg
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'; valid keys of optim: name, lr"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'; valid keys: dataset"):
+        load_config(None, ["epoch=3"])
+    with pytest.raises(ConfigError, match="epochs: expected an integer, got 'ten'"):
+        load_config(None, ["epochs=ten"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(None, ["loss.detach_weight=maybe"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope.yaml")
+    assert load_config(None, ["optim.lr=1", "optim.milestones=[3, 4]"]).optim.lr == 1.0
+
+
+def test_yaml_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_on_a_hand_computed_confusion_matrix():
+    # 3 classes, counts: class 0 many (500), class 1 medium (50), class 2 few (5).
+    # Confusion (rows = truth): [[4, 0, 0], [1, 2, 1], [0, 2, 0]]
+    truth = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 1, 1])
+    logits = torch.nn.functional.one_hot(pred, 3).float() * 5
+    m = classification_metrics(logits, truth, [500, 50, 5])
+    assert m["top1"] == pytest.approx(60.0)
+    assert m["per_class"] == [100.0, 50.0, 0.0]
+    assert (m["many"], m["medium"], m["few"]) == (100.0, 50.0, 0.0)
+    assert m["balanced"] == pytest.approx(50.0)
+    assert m["groups"] == {"head": 100.0, "middle": 50.0, "tail": 0.0}
+    conf = torch.softmax(logits, 1).max(1).values[0].item()
+    assert m["ece"] == pytest.approx(100 * abs(0.6 - conf), abs=1e-4)
+
+
+def test_rank_thirds_and_empty_groups():
+    assert rank_thirds([5, 100, 50, 1000]) == {"head": [1, 3], "middle": [2], "tail": [0]}
+    m = classification_metrics(torch.eye(2), torch.tensor([0, 1]), [500, 400])
+    assert m["medium"] is None and m["few"] is None and m["many"] == 100.0
+    assert expected_calibration_error(torch.tensor([[1.0, 0.0]]), torch.tensor([0])) == 0.0
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(capsys):
+    assert main(["train", "nope=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ccar train: error: unknown config key 'nope'")
+    assert main(["train", "dataset=mnist-lt", "data_root=/does/not/exist", "progress=false", "out=/tmp/ccar-x"]) == 2
+    assert "no IDX files" in capsys.readouterr().err
+    assert main(["eval", "/does/not/exist"]) == 2
+
+
+def test_cli_train_then_eval_with_posthoc(digits, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "dataset=mnist-lt", f"data_root={digits}", "imbalance=10", "epochs=1", f"out={out}", *FAST]
+    assert main(args) == 0
+    assert "best-on-val" in capsys.readouterr().out
+    assert main(["eval", str(out), "posthoc_tau=1.0"]) == 0
+    text = capsys.readouterr().out
+    assert "+LA τ=1" in text and (out / "eval-best-posthoc1.json").is_file()
+    assert main(["eval", str(out), "--which", "last"]) == 0
+    plain = json.loads((out / "eval-last.json").read_text())
+    assert plain["top1"] == json.loads((out / "metrics.json").read_text())["last"]["top1"]
