@@ -1,0 +1,179 @@
+"""``ccar sweep``: a grid of runs (methods x grid values x seeds), resumable, with an honest report.
+
+A sweep file (YAML)::
+
+    out: runs/sweep-fmnist          # sweep folder: results.jsonl, report.md, figures, one folder per run
+    jobs: 1                         # runs at once (CPU threads are split between them)
+    base: {dataset: fashion-mnist-lt, epochs: 8}     # overrides shared by every run
+    seeds: [0, 1, 2]
+    grid: {imbalance: [100, 50, 10]}                 # cartesian product over these keys
+    methods:                                          # name -> overrides
+      CE: {loss.name: ce}
+      CCAR-LA: {loss.name: ccar, loss.base: la}
+    studies:                                          # extra grids for some methods (e.g. an omega sweep)
+      - {methods: [CCAR-LA], grid: {loss.omega: [0.5, 0.9], imbalance: [100]}}
+    report: {per_class: [CE, CCAR-LA], omega: [CCAR-LA], baselines: {CCAR-LA: LA}}
+
+Each finished run appends one line to ``results.jsonl`` (written by this process only, so concurrent runs never
+mix); an interrupted sweep skips finished cells and resumes a half-finished run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+SWEEP_KEYS = ("out", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
+
+
+@dataclass
+class Cell:
+    method: str
+    values: Dict[str, Any]  # grid values
+    seed: int
+    overrides: List[str]
+
+    @property
+    def key(self) -> str:
+        parts = [self.method] + [f"{k}={v}" for k, v in sorted(self.values.items())] + [f"seed={self.seed}"]
+        return "/".join(parts)
+
+
+def _flatten(prefix: str, value) -> Dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def _as_override(key: str, value) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else value}"
+
+
+def load_sweep(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; valid: {', '.join(SWEEP_KEYS)}")
+    if not spec.get("methods") or not isinstance(spec["methods"], dict):
+        raise ConfigError(f"{path}: 'methods' must map method names to config overrides")
+    return spec
+
+
+def expand(spec: Dict[str, Any]) -> List[Cell]:
+    """Every (method, grid values, seed) cell of the sweep, main grid first, then the studies; no duplicates."""
+    base = [_as_override(k, v) for k, v in _flatten("", spec.get("base") or {}).items()]
+    methods = {name: [_as_override(k, v) for k, v in _flatten("", over or {}).items()] for name, over in spec["methods"].items()}
+    seeds = spec.get("seeds") or [0]
+    blocks = [(list(methods), spec.get("grid") or {})]
+    for study in spec.get("studies") or []:
+        names = study.get("methods") or list(methods)
+        missing = [n for n in names if n not in methods]
+        if missing:
+            raise ConfigError(f"sweep study names unknown method {missing[0]!r}; methods: {', '.join(methods)}")
+        blocks.append((names, study.get("grid") or {}))
+    cells, seen = [], set()
+    for names, grid in blocks:
+        keys = list(grid)
+        for combo in itertools.product(*[grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]):
+            values = dict(zip(keys, combo))
+            for name in names:
+                for seed in seeds:
+                    over = base + methods[name] + [_as_override(k, v) for k, v in values.items()] + [f"seed={seed}"]
+                    cell = Cell(name, values, int(seed), over)
+                    if cell.key not in seen:
+                        seen.add(cell.key)
+                        cells.append(cell)
+    return cells
+
+
+def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
+    """Train one cell (in this process or a worker); returns its results line."""
+    from .engine.config import apply_overrides, load_config, to_dict
+    from .engine.train import train
+
+    cfg = load_config(None, cell.overrides)
+    apply_overrides(cfg, [f"out={run_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
+    resume = (Path(run_dir) / "checkpoint.safetensors").exists()
+    started = time.perf_counter()
+    metrics = train(cfg, resume=resume, log=lambda *_: None)
+    keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
+            "best_epoch", "epochs", "seconds", "class_counts")
+    return {"key": cell.key, "method": cell.method, "values": cell.values, "seed": cell.seed,
+            "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep}, "last": {k: metrics["last"][k] for k in ("top1", "groups", "many", "medium", "few")},
+            "wall_seconds": time.perf_counter() - started}
+
+
+def read_results(path: Path) -> List[Dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that cell simply runs again
+    return rows
+
+
+def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, report_only: bool = False,
+              log=print) -> Path:
+    from tqdm.auto import tqdm
+
+    from .report.sweep_report import write_report
+
+    spec = load_sweep(path)
+    folder = Path(out or spec.get("out") or Path("runs") / Path(path).stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    results_path = folder / "results.jsonl"
+    cells = expand(spec)
+    if not report_only:
+        done = {r["key"] for r in read_results(results_path)}
+        todo = [c for c in cells if c.key not in done]
+        jobs = max(1, int(jobs or spec.get("jobs") or 1))
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+        log(f"sweep {path}: {len(cells)} runs, {len(cells) - len(todo)} already done, {jobs} at a time -> {folder}")
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", dynamic_ncols=True)
+        with open(results_path, "a") as sink:
+            def record(row):
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                bar.update(1)
+                bar.set_postfix_str(f"{row['key']}: top-1 {row['metrics']['top1']:.1f}")
+
+            if jobs == 1:
+                for cell in todo:
+                    record(_run_cell(cell, str(folder / "runs" / cell.key), threads))
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                    futures = [pool.submit(_run_cell, c, str(folder / "runs" / c.key), threads) for c in todo]
+                    for fut in cf.as_completed(futures):
+                        record(fut.result())
+        bar.close()
+    report = write_report(folder, spec, read_results(results_path), source=path)
+    log(f"report: {report}")
+    return report
