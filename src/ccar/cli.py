@@ -44,8 +44,13 @@ def _cmd_train(args) -> int:
     from .engine.config import load_config
     from .engine.train import train
 
+    from .engine.distributed import shutdown
+
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    finally:
+        shutdown()
     return 0
 
 

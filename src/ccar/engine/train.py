@@ -153,6 +153,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
 
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
     counts = data.class_counts  # from the whole training split, so identical (global) on every rank
+    if ctx.enabled:  # every rank must have built the same split; shards differ, the counts may not
+        mine = torch.tensor(counts, dtype=torch.float64, device=device)
+        total = ctx.all_reduce_sum(mine.clone())
+        if not torch.equal(total, mine * ctx.world_size):
+            raise TrainingError(f"rank {ctx.rank}: class counts differ between processes; check data_root on every node")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine).to(device)
@@ -183,6 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     tb = _tensorboard(run_dir) if ctx.is_main else None
 
     steps = len(train_loader)
+    has_val = (len(data.val[1]) if data.in_memory else len(data.val)) > 0
     bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -211,7 +217,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         ctx.all_reduce_sum(totals)
         train_seconds = time.perf_counter() - t0
-        val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau)
+        if has_val:
+            val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau)
+        else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too
+            val = {"top1": None, "balanced": None}
         elapsed += time.perf_counter() - t0
         loss_sum, correct, seen = totals.tolist()
         record = {
@@ -227,8 +236,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         eta = (cfg.epochs - epoch - 1) * elapsed / (epoch + 1 - start_epoch) if epoch >= start_epoch else 0
         if ctx.is_main:
+            val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
             line = (f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['loss']:.4f}  train {record['train_top1']:5.1f}%  "
-                    f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)  lr {lr:.4f}  "
+                    f"{val_text}  lr {lr:.4f}  "
                     f"{record['images_per_s']:,.0f} img/s  eta {_fmt_time(eta)}")
             bar.write(line) if not bar.disable else log(line)
             with open(run_dir / "log.jsonl", "a") as f:
@@ -301,7 +311,10 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         model.load_state_dict(state)
         results[which] = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, ctx,
                                         dtype, cfg.posthoc_tau)
-    best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1 if history else 0
+    if best_state is None:  # no validation split
+        best_epoch = len(history)
+    else:
+        best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1
     metrics = {
         **{k: results["best"][k] for k in ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece")},
         "val_top1": history[best_epoch - 1]["val_top1"] if history else None,
@@ -310,7 +323,7 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         "epochs": len(history),
         "seconds": history[-1]["seconds"] if history else 0.0,
         "class_counts": data.class_counts,
-        "selection": "best balanced accuracy on the validation split",
+        "selection": "best balanced accuracy on the validation split" if best_state is not None else "last epoch (no validation split)",
         "best": results["best"],
         "last": results["last"],
     }
