@@ -91,6 +91,15 @@ def make_csv(root: Path, counts=(40, 12, 4), seed=0) -> Path:
     return root
 
 
+FUZZ_COUNTS: dict = {}  # parser -> number of generated inputs tried in this session
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS:
+        tried = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_COUNTS.items()))
+        terminalreporter.write_line(f"fuzzing: generated inputs tried per parser (only ccar's own errors escaped): {tried}")
+
+
 @pytest.fixture
 def idx_root(tmp_path):
     return make_idx_dataset(tmp_path / "idx")

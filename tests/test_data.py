@@ -31,7 +31,7 @@ from ccar.data import (
     stratified_split,
 )
 from ccar.data import downloads as dl
-from conftest import make_cifar, make_csv, make_idx_dataset, make_image_tree, write_idx
+from conftest import FUZZ_COUNTS, make_cifar, make_csv, make_idx_dataset, make_image_tree, write_idx
 
 
 # --- profiles ------------------------------------------------------------------------------------------------------
@@ -319,10 +319,11 @@ def test_cifar_archive_download_and_safe_extract(tmp_path):
 # --- fuzzing: only DataError may escape a parser ----------------------------------------------------------------------
 
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def _only_data_errors(fn, path: Path, blob: bytes):
+def _only_data_errors(fn, path: Path, blob: bytes, name: str):
+    FUZZ_COUNTS[name] = FUZZ_COUNTS.get(name, 0) + 1
     path.write_bytes(blob)
     try:
         fn(path)
@@ -348,31 +349,31 @@ _CSV_SEED = b"a,b,label\n1,2,x\n3,4,y\n"
 @FUZZ
 @given(blob=_mutations(_IDX_SEED), gz=st.booleans())
 def test_fuzz_idx(tmp_path, blob, gz):
-    _only_data_errors(read_idx, tmp_path / "f", gzip.compress(blob) if gz else blob)
+    _only_data_errors(read_idx, tmp_path / "f", gzip.compress(blob) if gz else blob, "IDX")
 
 
 @FUZZ
 @given(blob=_mutations(_PICKLE_SEED))
 def test_fuzz_cifar_pickle(tmp_path, blob):
-    _only_data_errors(safe_unpickle, tmp_path / "f", blob)
+    _only_data_errors(safe_unpickle, tmp_path / "f", blob, "CIFAR pickle")
 
 
 @FUZZ
 @given(blob=_mutations(_LIST_SEED))
 def test_fuzz_list_file(tmp_path, blob):
-    _only_data_errors(lambda p: read_image_list(p, tmp_path), tmp_path / "f", blob)
+    _only_data_errors(lambda p: read_image_list(p, tmp_path), tmp_path / "f", blob, "list file")
 
 
 @FUZZ
 @given(blob=_mutations(_JSON_SEED))
 def test_fuzz_inat_json(tmp_path, blob):
-    _only_data_errors(lambda p: read_inat_json(p, tmp_path), tmp_path / "f", blob)
+    _only_data_errors(lambda p: read_inat_json(p, tmp_path), tmp_path / "f", blob, "iNat JSON")
 
 
 @FUZZ
 @given(blob=_mutations(_CSV_SEED))
 def test_fuzz_csv(tmp_path, blob):
-    _only_data_errors(read_csv, tmp_path / "f", blob)
+    _only_data_errors(read_csv, tmp_path / "f", blob, "CSV")
 
 
 # --- real data -------------------------------------------------------------------------------------------------------

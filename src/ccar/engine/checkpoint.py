@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import TrainingError
 
 FORMAT = "ccar-checkpoint-1"
+FAULT_ENV = "CCAR_FAULT_INJECT"  # "checkpoint-write": SIGKILL this process between writing and renaming
 
 
 def atomic_write(path: Path, write) -> None:
@@ -31,6 +33,8 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if os.environ.get(FAULT_ENV) == "checkpoint-write":  # fault injection for the kill-and-resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -90,6 +90,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     threads: int = 0  # CPU threads (0: torch's default)
+    resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
     workers: int = 4  # DataLoader workers for file-backed datasets
     image_size: int = 224  # file-backed datasets
     posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation

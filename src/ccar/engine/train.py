@@ -102,20 +102,20 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
     """(train loader, eval loader factory). Small sets: device-resident tensors; file sets: DataLoader workers."""
     bs = cfg.optim.batch_size
     if data.in_memory:
-        images = data.train[0]
-        if device.type == "cuda":
-            needed = images.numel() * images.element_size()
-            free, _ = torch.cuda.mem_get_info(device)
+        storage = device if cfg.resident else torch.device("cpu")
+        if storage.type == "cuda":
+            needed = sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test) for t in split)
+            free, _ = torch.cuda.mem_get_info(storage)
             if needed > 0.5 * free:
                 raise TrainingError(
-                    f"{data.name}: the training set needs {needed / 2**30:.1f} GiB on {device} but only "
-                    f"{free / 2**30:.1f} GiB are free; use a file-backed dataset (streamed) or device=cpu"
+                    f"{data.name}: keeping the data on {storage} needs {needed / 2**30:.2f} GiB but only "
+                    f"{free / 2**30:.2f} GiB are free; set resident=false to stream batches from host memory"
                 )
-        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, seed=cfg.seed, device=device,
+        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, seed=cfg.seed, device=storage,
                              rank=ctx.rank, world_size=ctx.world_size)
 
         def eval_batches(split):
-            return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=device,
+            return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=storage,
                                 rank=ctx.rank, world_size=ctx.world_size)
     else:
         train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
