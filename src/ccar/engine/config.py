@@ -89,6 +89,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
     threads: int = 0  # CPU threads (0: torch's default)
     resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
     workers: int = 4  # DataLoader workers for file-backed datasets

@@ -111,8 +111,9 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
                     f"{data.name}: keeping the data on {storage} needs {needed / 2**30:.2f} GiB but only "
                     f"{free / 2**30:.2f} GiB are free; set resident=false to stream batches from host memory"
                 )
-        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, seed=cfg.seed, device=storage,
-                             rank=ctx.rank, world_size=ctx.world_size)
+        # torch.compile wants static shapes: drop the last partial batch instead of recompiling for it.
+        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, drop_last=cfg.compile, seed=cfg.seed,
+                             device=storage, rank=ctx.rank, world_size=ctx.world_size)
 
         def eval_batches(split):
             return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=storage,
@@ -149,7 +150,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if resume and not state_path.exists():
         raise TrainingError(f"--resume: no checkpoint at {state_path}")
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
     counts = data.class_counts  # from the whole training split, so identical (global) on every rank
@@ -164,6 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.options()).to(device)
+    loss_fn.validate = False  # labels were range-checked when the data was loaded: no host sync per step
     optimizer = build_optimizer(model, cfg.optim)
     n_params = sum(p.numel() for p in model.parameters())
     if ctx.is_main:
@@ -189,6 +195,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
 
     steps = len(train_loader)
     has_val = (len(data.val[1]) if data.in_memory else len(data.val)) > 0
+    check_every = 1 if device.type == "cpu" else 25
     bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -197,6 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         _set_epoch(train_loader, epoch)
         net.train()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+        nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
         for step, (x, y) in enumerate(train_loader):
             lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
             for group in optimizer.param_groups:
@@ -205,14 +213,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = step_fn(x)
             loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingError(_nonfinite_message(epoch, step, loss.item(), lr, dtype, x, run_dir))
+            nonfinite[step] = ~torch.isfinite(loss.detach())
+            if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
+                if nonfinite[: step + 1].any():
+                    bad = int(nonfinite.nonzero()[0])
+                    raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                       torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                totals[0] += loss.detach().double() * len(y)
+                totals[1] += (logits.argmax(1) == y).sum()
+                totals[2] += len(y)
             bar.update(1)
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         ctx.all_reduce_sum(totals)

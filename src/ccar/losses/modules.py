@@ -58,6 +58,9 @@ class LongTailLoss(nn.Module):
         self.register_buffer("drw_weight", _f32(drw_weight), persistent=False)
         self.num_classes = None if class_counts is None else len(as_counts(class_counts, who=name))
         self.epoch = 0
+        # Range-check the targets on every call (one host sync); trainers that validated labels at load time
+        # can switch it off.
+        self.validate = True
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the loss the current (0-based) epoch; switches DRW weights on at ``drw_epoch``."""
@@ -80,7 +83,7 @@ class LongTailLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_classes(logits)
-        return LF.base_loss(logits, targets, self.spec(), self.reduction)
+        return LF.base_loss(logits, targets, self.spec(), self.reduction, check=self.validate)
 
     def extra_repr(self) -> str:
         parts = [repr(self.name)] + [f"{k}={v}" for k, v in self.options.items()]
@@ -131,7 +134,8 @@ class CCARLoss(LongTailLoss):
         self._check_classes(logits)
         tables = LF.CCARTables(self.log_explore, self.log_consolidate)
         return LF.ccar_from_spec(
-            logits, targets, self.spec(), tables, self.omega, self.detach_weight, self.normalize, self.reduction
+            logits, targets, self.spec(), tables, self.omega, self.detach_weight, self.normalize, self.reduction,
+            check=self.validate,
         )
 
     def weight(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def build_model(
     """Build model ``name`` for inputs of ``input_shape`` (C, H, W) or (F,).
 
     >>> sum(p.numel() for p in build_model("resnet32", 100, (3, 32, 32)).parameters())
-    470292
+    470004
     """
     if name == "resnet32" or name == "resnet_cifar":
         return ResNetCifar(num_classes, depth, input_shape[0], cosine_head)
