@@ -192,3 +192,14 @@ def test_cli_train_then_eval_with_posthoc(digits, tmp_path, capsys):
     assert main(["eval", str(out), "--which", "last"]) == 0
     plain = json.loads((out / "eval-last.json").read_text())
     assert plain["top1"] == json.loads((out / "metrics.json").read_text())["last"]["top1"]
+
+
+def test_rerunning_without_out_gets_a_fresh_folder(digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["dataset=mnist-lt", f"data_root={digits}", "imbalance=10", "epochs=1", *FAST]
+    train(load_config(None, args), log=lambda *_: None)
+    cfg = load_config(None, args)
+    train(cfg, log=lambda *_: None)
+    assert cfg.out == str(Path("runs") / "mnist-lt-ccar-la-s0-2")
+    assert (tmp_path / "runs" / "mnist-lt-ccar-la-s0" / "metrics.json").is_file()
+    assert (tmp_path / cfg.out / "metrics.json").is_file()

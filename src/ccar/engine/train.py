@@ -144,6 +144,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = cfg.run_dir()
+    if cfg.out is None and not resume and (run_dir / "checkpoint.safetensors").exists():
+        # A rerun of the default job gets a fresh folder (runs/NAME-2, -3, ...) instead of an error.
+        n = 2
+        while (run_dir.parent / f"{run_dir.name}-{n}").exists():
+            n += 1
+        cfg.out = str(run_dir.parent / f"{run_dir.name}-{n}")
+        run_dir = cfg.run_dir()
     state_path = run_dir / "checkpoint.safetensors"
     if not resume and state_path.exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out=DIR")

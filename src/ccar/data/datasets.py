@@ -1,0 +1,265 @@
+"""The dataset catalog: names the configs use -> long-tailed train / val / test splits with class counts."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from . import downloads as dl
+from .profiles import long_tail_counts, long_tail_indices, stratified_split
+from .sources import read_cifar, read_csv, read_idx_pair, read_image_list, read_inat_json
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class Augment:
+    """Batched augmentation applied on the device: random crop with zero padding, horizontal flip, normalise."""
+
+    crop_padding: int = 0
+    flip: bool = False
+    mean: Tuple[float, ...] = (0.5,)
+    std: Tuple[float, ...] = (0.5,)
+
+
+@dataclass
+class ImageFiles:
+    """A file-backed split: image paths (already checked to lie under the root) and labels."""
+
+    paths: List[Path]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+Split = Union[Tuple[torch.Tensor, torch.Tensor], ImageFiles]
+
+
+@dataclass
+class LongTailData:
+    """Train / val / test splits. In-memory splits are (uint8 images N,C,H,W or float features N,F; int64 targets)."""
+
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+    class_counts: List[int]  # of the training split, after carving out validation
+    class_names: List[str] = field(default_factory=list)
+    augment: Augment = field(default_factory=Augment)
+    input_shape: Tuple[int, ...] = ()
+    kind: str = "image"  # "image" (in memory), "tabular" or "files"
+
+    @property
+    def in_memory(self) -> bool:
+        return self.kind != "files"
+
+    def summary(self) -> str:
+        n_val = len(self.val[1]) if self.in_memory else len(self.val)
+        n_test = len(self.test[1]) if self.in_memory else len(self.test)
+        counts = self.class_counts
+        return (
+            f"{self.name}: {sum(counts)} train / {n_val} val / {n_test} test, {self.num_classes} classes, "
+            f"counts {max(counts)}..{min(counts)} (imbalance {max(counts) / max(1, min(counts)):.0f})"
+        )
+
+
+SYNTHETIC_LT = ("fashion-mnist-lt", "mnist-lt", "cifar10-lt", "cifar100-lt")
+NATURAL_LT = ("imagenet-lt", "places-lt", "inat2018", "csv")
+DATASETS = SYNTHETIC_LT + NATURAL_LT
+SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100", "csv")
+
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,), 10),
+    "fashion-mnist": ((0.2860,), (0.3530,), 10),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _idx_root(name: str, root: Optional[str]) -> Path:
+    """Where the IDX files are: explicit root, $CCAR_<NAME>, Debian's package (Fashion-MNIST), the cache, download."""
+    env = "CCAR_" + name.upper().replace("-", "_")
+    candidates = [Path(root)] if root else []
+    if os.environ.get(env):
+        candidates.append(Path(os.environ[env]))
+    if name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    candidates.append(dl.cache_dir() / name)
+    for c in candidates:
+        if any((c / (f + ext)).is_file() for f in IDX_NAMES["train"][:1] for ext in (".gz", "")):
+            return c
+    if root:
+        raise DataError(f"{name}: no IDX files ({IDX_NAMES['train'][0]}[.gz], ...) in data_root {root}")
+    try:
+        return dl.download_idx(name)
+    except DataError as exc:
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+        raise DataError(
+            f"{name}: files not found locally and the download failed ({exc}). Put the four IDX files in a folder "
+            f"and pass data_root=FOLDER (or set {env}){hint}"
+        ) from exc
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for ext in (".gz", ""):
+        if (folder / (stem + ext)).is_file():
+            return folder / (stem + ext)
+    raise DataError(f"IDX: {folder / stem}[.gz] not found")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_source(name: str, root: Optional[str], split: str) -> Tuple[np.ndarray, np.ndarray]:
+    x, y = load_source(name, root, split)
+    x.flags.writeable = False  # shared between runs of one process (sweeps): never modified in place
+    y.flags.writeable = False
+    return x, y
+
+
+def load_source(name: str, root: Optional[str], split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Raw arrays of an in-memory source: images uint8 (N, C, H, W) or features float32 (N, F), targets int64.
+
+    ``name`` in ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``csv``; ``split`` in ``train``, ``test``.
+    For ``csv``, ``root`` is a folder with ``train.csv`` and ``test.csv``.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if name in ("mnist", "fashion-mnist"):
+        folder = _idx_root(name, root)
+        images, labels = IDX_NAMES[split]
+        return read_idx_pair(_find(folder, images), _find(folder, labels))
+    if name in ("cifar10", "cifar100"):
+        if not root:
+            root = str(dl.cache_dir() / name)
+        return read_cifar(Path(root), name, split)
+    if name == "csv":
+        if not root:
+            raise DataError("csv: data_root must name a folder holding train.csv and test.csv")
+        x, y, _ = read_csv(Path(root) / f"{split}.csv")
+        return x, y
+    raise DataError(f"unknown source {name!r}; valid: {', '.join(SOURCES)}")
+
+
+def _carve_val(x, y, val_fraction: float, seed: int):
+    train_pos, val_pos = stratified_split(y, val_fraction, seed)
+    return (x[train_pos], y[train_pos]), (x[val_pos], y[val_pos])
+
+
+def _tensors(split) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, y = split
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _counts(y: np.ndarray, num_classes: int, where: str) -> List[int]:
+    counts = np.bincount(y, minlength=num_classes).tolist()
+    if len(counts) > num_classes:
+        raise DataError(f"{where}: label {len(counts) - 1} is out of range for {num_classes} classes")
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise DataError(f"{where}: class {empty[0]} has no training samples left; lower the imbalance or val_fraction")
+    return counts
+
+
+def build_dataset(
+    name: str,
+    data_root: Optional[str] = None,
+    imbalance: Optional[float] = None,
+    profile: str = "exp",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> LongTailData:
+    """Build a long-tailed benchmark exactly as the literature does (method.md section 3).
+
+    Synthetic long tails (``fashion-mnist-lt``, ``mnist-lt``, ``cifar10-lt``, ``cifar100-lt``) subset the balanced
+    training set with LDAM-DRW's procedure (``imbalance`` defaults to 100; the subset does not depend on ``seed``,
+    as in the literature); the validation split is then carved, seeded by ``seed``, from that subset, and the test
+    set stays balanced and untouched. Natural long tails (``imagenet-lt``, ``places-lt``, ``inat2018``, ``csv``)
+    come as they are; ``imbalance`` is an error there.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if name in SYNTHETIC_LT:
+        source = name[:-3]
+        mean, std, num_classes = _STATS[source]
+        x, y = _cached_source(source, data_root, "train")
+        n_max = int(np.bincount(y).max())
+        imbalance = 100.0 if imbalance is None else imbalance
+        counts = long_tail_counts(n_max, num_classes, imbalance, profile)
+        keep = long_tail_indices(y, counts, seed=0)
+        train, val = _carve_val(x[keep], y[keep], val_fraction, seed)
+        test = tuple(np.array(a) for a in _cached_source(source, data_root, "test"))
+        is_cifar = source.startswith("cifar")
+        augment = Augment(crop_padding=4 if is_cifar else 2, flip=source != "mnist", mean=mean, std=std)
+        return LongTailData(
+            name, num_classes, _tensors(train), _tensors(val), _tensors(test),
+            _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
+            tuple(x.shape[1:]), "image",
+        )
+    if imbalance is not None and imbalance != 1:
+        raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
+    if name == "csv":
+        return _build_csv(data_root, val_fraction, seed)
+    return _build_files(name, data_root, val_fraction, seed)
+
+
+def _build_csv(data_root, val_fraction, seed) -> LongTailData:
+    if not data_root:
+        raise DataError("csv: data_root must name a folder holding train.csv and test.csv")
+    root = Path(data_root)
+    x, y, names = read_csv(root / "train.csv")
+    xt, yt, _ = read_csv(root / "test.csv", class_names=names)
+    if xt.shape[1] != x.shape[1]:
+        raise DataError(f"csv: {root / 'test.csv'} has {xt.shape[1]} features, train.csv has {x.shape[1]}")
+    train, val = _carve_val(x, y, val_fraction, seed)
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
+    aug = Augment(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    return LongTailData(
+        "csv", len(names), _tensors(train), _tensors(val), _tensors((xt, yt)),
+        _counts(train[1], len(names), f"csv {root / 'train.csv'}"), names, aug, (x.shape[1],), "tabular",
+    )
+
+
+_LISTS = {
+    "imagenet-lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt", 1000),
+    "places-lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt", 365),
+}
+
+
+def _build_files(name, data_root, val_fraction, seed) -> LongTailData:
+    if not data_root:
+        raise DataError(f"{name}: data_root is required (the folder holding the images and the list/JSON files)")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{name}: data_root {root} is not a folder")
+    if name in _LISTS:
+        train_list, val_list, test_list, _ = _LISTS[name]
+        train = ImageFiles(*read_image_list(root / train_list, root))
+        val = ImageFiles(*read_image_list(root / val_list, root))
+        test = ImageFiles(*read_image_list(root / test_list, root))
+        num_classes = int(max(s.targets.max() for s in (train, val, test))) + 1  # 1000 / 365 on the real lists
+        names = [str(i) for i in range(num_classes)]
+    else:  # inat2018: the official val set serves as the test set, validation is carved from train
+        paths, labels, cat_names = read_inat_json(root / "train2018.json", root)
+        test_paths, test_labels, _ = read_inat_json(root / "val2018.json", root)
+        num_classes = int(max(labels.max(), test_labels.max())) + 1
+        train_pos, val_pos = stratified_split(labels, val_fraction, seed)
+        train = ImageFiles([paths[i] for i in train_pos], labels[train_pos])
+        val = ImageFiles([paths[i] for i in val_pos], labels[val_pos])
+        test = ImageFiles(test_paths, test_labels)
+        names = [cat_names.get(i, str(i)) for i in range(num_classes)]
+    aug = Augment(flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    counts = _counts(train.targets, num_classes, f"{name} train")
+    return LongTailData(name, num_classes, train, val, test, counts, names, aug, (3, 224, 224), "files")

@@ -1,0 +1,182 @@
+"""Batches for training and evaluation.
+
+Small sets live on the device as one uint8 tensor and are augmented a whole batch at a time
+(:class:`DeviceLoader`, the fast path on CPU and GPU alike); file-backed sets stream through a ``DataLoader``
+with workers (:class:`ImageFileDataset`). Both yield uint8/float batches that :func:`normalize` finishes on the
+device, so the model sees the same input either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from .datasets import Augment, ImageFiles
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``padding``) and horizontal flip for a whole (B, C, H, W) batch at once."""
+    b, _, h, w = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=generator.device).to(device)
+        rows = (offsets[0, :, None] + torch.arange(h, device=device)).view(b, 1, h, 1)
+        cols = (offsets[1, :, None] + torch.arange(w, device=device)).view(b, 1, 1, w)
+        # Gather rows, then columns: two index ops for the whole batch instead of a Python loop.
+        images = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
+        images = images.gather(3, cols.expand(b, padded.shape[1], h, w))
+    if flip:
+        mask = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(device).view(b, 1, 1, 1)
+        images = torch.where(mask, images.flip(3), images)
+    return images
+
+
+def normalize(batch: torch.Tensor, augment: Augment, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images -> float, scaled to [0, 1] and standardised; float features -> standardised."""
+    x = batch.float()
+    if batch.dtype == torch.uint8:
+        x = x.div_(255.0)
+        shape = (1, -1, 1, 1)
+    else:
+        shape = (1, -1)
+    mean = torch.tensor(augment.mean, device=x.device).view(shape)
+    std = torch.tensor(augment.std, device=x.device).view(shape)
+    x = (x - mean) / std
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+class DeviceLoader:
+    """Shuffled mini-batches of device-resident tensors with batched augmentation; deterministic given the seed.
+
+    ``indices`` restricts it to a shard (distributed training); ``set_epoch`` reseeds the shuffle per epoch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        augment: Optional[Augment] = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.images = images.to(device)
+        self.targets = targets.to(device)
+        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device="cpu")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.targets)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:  # like DistributedSampler: pad to a multiple of the world size, then stride
+            total = math.ceil(n / self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - n]])[self.rank :: self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.targets) / self.world_size)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.device)
+        self.generator.manual_seed(self.seed * 7919 + self.epoch + 1)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None and x.ndim == 4 and (self.augment.crop_padding or self.augment.flip):
+                x = random_crop_flip(x, self.augment.crop_padding, self.augment.flip, self.generator)
+            yield x, self.targets[idx]
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Decodes images with Pillow on access. Training: random-resized crop + flip; evaluation: resize + center crop.
+
+    Returns uint8 (3, size, size) tensors; normalisation happens on the device. Decode errors name the file;
+    Pillow's decompression-bomb guard stays on.
+    """
+
+    def __init__(self, files: ImageFiles, train: bool, size: int = 224, seed: int = 0):
+        self.files, self.train, self.size, self.seed = files, train, size, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files.paths[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im = self._transform(im, i)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+            raise DataError(f"cannot decode image {path}: {exc}") from exc
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return x, int(self.files.targets[i])
+
+    def _transform(self, im, i):
+        from PIL import Image
+
+        s = self.size
+        if not self.train:
+            short = round(s * 256 / 224)
+            w, h = im.size
+            scale = short / min(w, h)
+            im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - s) // 2, (h - s) // 2
+            return im.crop((left, top, left + s, top + s))
+        rng = np.random.default_rng([self.seed, i, torch.initial_seed() % (2**31)])
+        w, h = im.size
+        for _ in range(10):  # random-resized crop, scale (0.08, 1), ratio (3/4, 4/3)
+            area = w * h * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+                break
+        else:
+            cw = ch = min(w, h)
+            left, top = (w - cw) // 2, (h - ch) // 2
+        im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return im
+
+
+def file_loader(files: ImageFiles, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
+                rank: int = 0, world_size: int = 1, size: int = 224):
+    """A DataLoader over :class:`ImageFileDataset` (DistributedSampler under data parallelism)."""
+    dataset = ImageFileDataset(files, train, size, seed)
+    sampler = None
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False, generator=g,
+        persistent_workers=workers > 0,
+    )
