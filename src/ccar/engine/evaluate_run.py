@@ -10,12 +10,11 @@ import torch
 
 from ..data import build_dataset, normalize
 from ..errors import ConfigError
-from ..models import build_model
 from ..report.tables import metrics_table
 from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
-from .train import amp_dtype, evaluate_split, make_loaders, resolve_device
+from .train import amp_dtype, evaluate_split, make_loaders, model_from_config, resolve_device
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
@@ -27,9 +26,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
     cfg = load_config(str(config), overrides)
     device = resolve_device(cfg.device)
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
-    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
-                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine).to(device)
+    model = model_from_config(cfg, data).to(device)
     model.load_state_dict(ckpt.load_weights(weights))
     _, eval_batches = make_loaders(data, cfg, device, DistContext())
     prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
 from ..errors import ConfigError, TrainingError
 from ..losses import build_loss, posthoc_logit_adjustment
-from ..models import build_model
+from ..models import NormedLinear, build_model
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict
 from .distributed import DistContext, init_distributed
@@ -68,6 +68,15 @@ def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
     if o.schedule == "constant":
         return o.lr
     raise ConfigError(f"optim.schedule must be cosine, multistep or constant; got {o.schedule!r}")
+
+
+def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
+    """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
+    if cfg.model.head not in ("auto", "linear", "cosine"):
+        raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
+    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
+    return build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
+                       depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -170,9 +179,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         total = ctx.all_reduce_sum(mine.clone())
         if not torch.equal(total, mine * ctx.world_size):
             raise TrainingError(f"rank {ctx.rank}: class counts differ between processes; check data_root on every node")
-    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
-                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine).to(device)
+    model = model_from_config(cfg, data).to(device)
+    cosine = isinstance(getattr(model, "fc", None), NormedLinear)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.options()).to(device)
