@@ -203,3 +203,25 @@ def test_rerunning_without_out_gets_a_fresh_folder(digits, tmp_path, monkeypatch
     assert cfg.out == str(Path("runs") / "mnist-lt-ccar-la-s0-2")
     assert (tmp_path / "runs" / "mnist-lt-ccar-la-s0" / "metrics.json").is_file()
     assert (tmp_path / cfg.out / "metrics.json").is_file()
+
+
+def test_ldam_is_evaluated_in_its_training_scale():
+    # LDAM trains on 30 * cosine: test probabilities must come from the scaled logits, or ECE is meaningless.
+    from ccar.data import DeviceLoader
+    from ccar.engine.distributed import DistContext
+    from ccar.engine.train import eval_logit_scale, evaluate_split
+
+    assert eval_logit_scale(load_config(None, ["loss.name=ldam"])) == 30.0
+    assert eval_logit_scale(load_config(None, ["loss.name=ccar", "loss.base=ldam", "loss.scale=16"])) == 16.0
+    assert eval_logit_scale(load_config(None, ["loss.name=la"])) == 1.0
+
+    class Cosine(torch.nn.Module):  # always right, cosine 0.9 for the true class and -0.2 elsewhere
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 2).float() * 1.1 - 0.2
+
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([0, 1])
+    run = lambda scale: evaluate_split(Cosine(), DeviceLoader(x, y, 2, shuffle=False), lambda t: t, torch.device("cpu"),
+                                       [10, 5], DistContext(), logit_scale=scale)  # noqa: E731
+    raw, scaled = run(1.0), run(30.0)
+    assert raw["top1"] == scaled["top1"] == 100.0
+    assert raw["ece"] > 20 and scaled["ece"] < 1e-6

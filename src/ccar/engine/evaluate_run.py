@@ -14,7 +14,7 @@ from ..report.tables import metrics_table
 from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
-from .train import amp_dtype, evaluate_split, make_loaders, model_from_config, resolve_device
+from .train import amp_dtype, eval_logit_scale, evaluate_split, make_loaders, model_from_config, resolve_device
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
@@ -31,7 +31,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
     _, eval_batches = make_loaders(data, cfg, device, DistContext())
     prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731
     metrics = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, DistContext(),
-                             amp_dtype(cfg.amp, device), cfg.posthoc_tau)
+                             amp_dtype(cfg.amp, device), cfg.posthoc_tau, eval_logit_scale(cfg))
     suffix = f"-posthoc{cfg.posthoc_tau:g}" if cfg.posthoc_tau else ""
     path = run_dir / f"eval-{which}{suffix}.json"
     path.write_text(json.dumps(metrics, indent=1))

@@ -79,6 +79,12 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
 
 
+def eval_logit_scale(cfg: TrainConfig) -> float:
+    """LDAM trains on s * (cosine - margin): evaluation scales the logits by s too, so that probabilities (ECE)
+    and post-hoc adjustment live in the units the model was trained in. Argmax is unchanged."""
+    return float(cfg.loss.scale or 30.0) if cfg.loss.uses_ldam else 1.0
+
+
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and bias parameters (standard for the CIFAR-LT recipes' ResNets too).
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -245,7 +251,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         ctx.all_reduce_sum(totals)
         train_seconds = time.perf_counter() - t0
         if has_val:
-            val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau)
+            val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau,
+                                 eval_logit_scale(cfg))
         else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too
             val = {"top1": None, "balanced": None}
         elapsed += time.perf_counter() - t0
@@ -314,9 +321,11 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None):
+def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None,
+                   logit_scale: float = 1.0):
     """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
     logits, targets = predict(model, batches, prepare, device, dtype)
+    logits = logits * logit_scale
     if ctx.enabled:
         n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
         logits, targets = ctx.all_gather_cat(logits.to(device)).cpu(), ctx.all_gather_cat(targets.to(device)).cpu()
@@ -337,7 +346,7 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
     for which, state in (("last", last_state), ("best", best_state or last_state)):
         model.load_state_dict(state)
         results[which] = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, ctx,
-                                        dtype, cfg.posthoc_tau)
+                                        dtype, cfg.posthoc_tau, eval_logit_scale(cfg))
     if best_state is None:  # no validation split
         best_epoch = len(history)
     else:
