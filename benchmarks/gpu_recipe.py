@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import pickle
-import sys
 import tempfile
 import time
 from pathlib import Path

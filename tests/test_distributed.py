@@ -33,7 +33,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
     common = ["dataset=csv", f"data_root={root}", "val_fraction=0", "model.name=mlp", "model.hidden=[]",
               "epochs=3", "loss.name=ccar", "loss.base=la", "optim.lr=0.05", "threads=1", "progress=false"]
-    one = torchrun(1, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"], tmp_path)
+    torchrun(1, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"], tmp_path)
     two = torchrun(2, common + ["optim.batch_size=8", f"out={tmp_path / 'two'}"], tmp_path)
     assert "x2" in two.stdout and two.stdout.count("epoch   3/3") == 1  # only rank 0 prints and writes
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())

@@ -19,7 +19,7 @@ FAST = ["model.width=4", "optim.batch_size=32", "optim.lr=0.05", "threads=1", "p
 
 
 def cfg_for(root, out, *extra, epochs=3):
-    return load_config(None, [f"dataset=mnist-lt", f"data_root={root}", "imbalance=10", f"epochs={epochs}",
+    return load_config(None, ["dataset=mnist-lt", f"data_root={root}", "imbalance=10", f"epochs={epochs}",
                               f"out={out}", *FAST, *extra])
 
 

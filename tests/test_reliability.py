@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from ccar import CCARError, ConfigError, DataError, TrainingError
+from ccar import ConfigError, DataError, TrainingError
 from ccar.cli import main
 from ccar.engine import checkpoint as ckpt
 from ccar.engine.config import TrainConfig, load_config

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from ..data import build_dataset, normalize
 from ..errors import ConfigError

@@ -56,7 +56,7 @@ def aggregate(rows: List[Dict[str, Any]]) -> "OrderedDict[Tuple, OrderedDict[str
 def _cell(mean, std, n, bold=False) -> str:
     if mean is None:
         return "—"
-    text = f"{mean:.1f} ± {std:.1f}"
+    text = f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"  # no spread from a single seed
     return f"**{text}**" if bold else text
 
 
