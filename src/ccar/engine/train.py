@@ -214,6 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     tb = _tensorboard(run_dir) if ctx.is_main else None
 
     steps = len(train_loader)
+    elapsed_before = elapsed  # time of earlier sessions of a resumed run (not part of this session's ETA)
     has_val = (len(data.val[1]) if data.in_memory else len(data.val)) > 0
     check_every = 1 if device.type == "cpu" else 25
     bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         if val["balanced"] is not None and val["balanced"] > best_val:
             best_val = val["balanced"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        eta = (cfg.epochs - epoch - 1) * elapsed / (epoch + 1 - start_epoch) if epoch >= start_epoch else 0
+        eta = (cfg.epochs - epoch - 1) * (elapsed - elapsed_before) / (epoch + 1 - start_epoch)
         if ctx.is_main:
             val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
             line = (f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['loss']:.4f}  train {record['train_top1']:5.1f}%  "
@@ -278,7 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 f.write(json.dumps(record) + "\n")
             if tb is not None:
                 for k, v in record.items():
-                    tb.add_scalar(k, v, epoch + 1)
+                    if v is not None:
+                        tb.add_scalar(k, v, epoch + 1)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
                 ckpt.save_checkpoint(state_path, model, optimizer, best_state, meta)
