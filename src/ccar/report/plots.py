@@ -23,6 +23,17 @@ def _plt():
     return plt
 
 
+def finish_figure(plt, fig, ax, path: Path, title: str) -> Path:
+    """Title, grid and legend in the house style, then save as PNG and free the figure."""
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def per_class_figure(path: Path, class_counts: Sequence[int], series: Dict[str, Sequence[Optional[float]]], title: str) -> Path:
     """Per-class test accuracy against training count (log x): the standard long-tail figure."""
     plt = _plt()
@@ -41,13 +52,7 @@ def per_class_figure(path: Path, class_counts: Sequence[int], series: Dict[str, 
     for edge in (20, 100):
         if counts.min() < edge < counts.max():
             ax.axvline(edge, color="grey", lw=0.6, ls=":")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish_figure(plt, fig, ax, path, title)
 
 
 def omega_figure(path: Path, class_counts: Sequence[int], omega: float = 0.75, power_base: float = math.e,
@@ -69,13 +74,7 @@ def omega_figure(path: Path, class_counts: Sequence[int], omega: float = 0.75, p
     ax.axvline(omega, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("p_t (probability of the true class)")
     ax.set_ylabel("Ω(p_t, f_c)")
-    ax.set_title(f"CCAR weight, ω = {omega}, base = {power_base:.3g}, frequency = {frequency}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish_figure(plt, fig, ax, path, f"CCAR weight, ω = {omega}, base = {power_base:.3g}, frequency = {frequency}")
 
 
 def curves_figure(path: Path, history: List[dict]) -> Path:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import _plt
+from .plots import _plt, finish_figure
 
 COLUMNS = [  # (label, getter, higher is better)
     ("top-1", lambda m: m["top1"], True),
@@ -147,13 +147,8 @@ def _omega_figure(path: Path, rows, methods: Sequence[str], fixed: Dict[str, Any
         return None
     ax.set_xlabel("ω (confidence pivot)")
     ax.set_ylabel("test top-1 (%), mean ± std")
-    ax.set_title("ω sensitivity" + (f" ({_setting_name(tuple(sorted(fixed.items())))})" if fixed else ""), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    title = "ω sensitivity" + (f" ({_setting_name(tuple(sorted(fixed.items())))})" if fixed else "")
+    return finish_figure(plt, fig, ax, path, title)
 
 
 def _hardware() -> str:
