@@ -233,8 +233,8 @@ def _build_csv(data_root, val_fraction, seed) -> LongTailData:
 
 
 _LISTS = {
-    "imagenet-lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt", 1000),
-    "places-lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt", 365),
+    "imagenet-lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
+    "places-lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
 }
 
 
@@ -245,10 +245,7 @@ def _build_files(name, data_root, val_fraction, seed) -> LongTailData:
     if not root.is_dir():
         raise DataError(f"{name}: data_root {root} is not a folder")
     if name in _LISTS:
-        train_list, val_list, test_list, _ = _LISTS[name]
-        train = ImageFiles(*read_image_list(root / train_list, root))
-        val = ImageFiles(*read_image_list(root / val_list, root))
-        test = ImageFiles(*read_image_list(root / test_list, root))
+        train, val, test = (ImageFiles(*read_image_list(root / f, root)) for f in _LISTS[name])
         num_classes = int(max(s.targets.max() for s in (train, val, test))) + 1  # 1000 / 365 on the real lists
         names = [str(i) for i in range(num_classes)]
     else:  # inat2018: the official val set serves as the test set, validation is carved from train

@@ -148,7 +148,7 @@ def base_loss(
     if check:
         check_targets(logits, targets, spec.name)
         for table in (spec.shift, spec.margins, spec.class_weight):
-            if table is not None and table.numel() != logits.shape[1]:
+            if table is not None:
                 check_num_classes(table, logits, spec.name)
     z = adjusted_logits(logits, targets, spec)
     if not spec.gamma and spec.class_weight is None:

@@ -40,6 +40,7 @@ class LongTailLoss(nn.Module):
     ):
         super().__init__()
         LF._check_reduction(reduction)
+        counts = None if class_counts is None else as_counts(class_counts, who=name)  # validated once, reused
         spec = LF.make_base_spec(name, class_counts, **options)
         self.name, self.reduction, self.options = name, reduction, dict(options)
         self.scale, self.gamma = spec.scale, spec.gamma
@@ -53,10 +54,10 @@ class LongTailLoss(nn.Module):
                 raise LossError(f"{name}: drw_epoch must be a non-negative integer epoch, got {drw_epoch!r}")
             if spec.class_weight is not None:
                 raise LossError(f"{name}: already class-balanced; drw_epoch applies to unweighted bases only")
-            drw_weight = class_balanced_weights(as_counts(class_counts, positive=True, who=f"{name} (DRW)"), drw_beta)
+            drw_weight = class_balanced_weights(as_counts(counts, positive=True, who=f"{name} (DRW)"), drw_beta)
         self.drw_epoch = drw_epoch
         self.register_buffer("drw_weight", _f32(drw_weight), persistent=False)
-        self.num_classes = None if class_counts is None else len(as_counts(class_counts, who=name))
+        self.num_classes = None if counts is None else len(counts)
         self.epoch = 0
         # Range-check the targets on every call (one host sync); trainers that validated labels at load time
         # can switch it off.
