@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LossError
+from . import native
 from .stats import (
     CountsLike,
     as_counts,
@@ -275,19 +276,24 @@ def omega_weight(p_t: torch.Tensor, f_c, omega: float = 0.75, base: float = math
 
 @dataclass
 class CCARTables:
-    """Per-class log(base - f') for both branches, pre-multiplied by ``strength`` (Omega^strength)."""
+    """Per-class strength * log(base - f') for both branches: row 0 below the pivot (f' = f_c), row 1 at or above
+    it (f' = 1 - f_c). Omega^strength = exp((omega - p_t) * log_base[branch, y])."""
 
-    log_explore: torch.Tensor  # strength * log(base - f_c)        (p_t < omega)
-    log_consolidate: torch.Tensor  # strength * log(base - 1 + f_c)  (p_t >= omega)
+    log_base: torch.Tensor  # (2, C)
+
+    @property
+    def log_explore(self) -> torch.Tensor:
+        return self.log_base[0]
+
+    @property
+    def log_consolidate(self) -> torch.Tensor:
+        return self.log_base[1]
 
 
 def ccar_tables(counts: torch.Tensor, frequency: str = "sum", power_base: float = math.e, strength: float = 1.0) -> CCARTables:
     freq = class_frequency(counts, frequency)
     strength = _float(strength, "strength", "ccar")
-    return CCARTables(
-        log_explore=strength * torch.log(power_base - freq),
-        log_consolidate=strength * torch.log(power_base - 1.0 + freq),
-    )
+    return CCARTables(strength * torch.log(torch.stack([power_base - freq, power_base - 1.0 + freq])))
 
 
 class _FusedCCAR(torch.autograd.Function):
@@ -338,6 +344,7 @@ class _FusedCCAR(torch.autograd.Function):
 
 
 NORMALIZE = (None, "batch")
+_REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # the kernel's reduction argument
 
 
 def ccar_from_spec(
@@ -351,10 +358,28 @@ def ccar_from_spec(
     reduction: str = "mean",
     check: bool = True,
 ) -> torch.Tensor:
-    """CCAR over a prepared base loss; the modules call this with tables cached on the device."""
+    """CCAR over a prepared base loss; the modules call this with tables cached on the device.
+
+    On CPU, without batch normalisation, this runs the compiled kernel (:mod:`ccar.losses.native`) when it is
+    available; otherwise the autograd function below. Both compute the same values and gradients.
+    """
     _check_reduction(reduction)
     if normalize not in NORMALIZE:
         raise LossError(f"ccar: normalize must be None or 'batch', got {normalize!r}")
+    if normalize is None and logits.device.type == "cpu":
+        kernel = native.kernel()
+        if kernel is not None:
+            # The kernel range-checks every target as it reads it, so `check` only decides the structural checks.
+            check_targets(logits, targets, "ccar", values=False)
+            if tables.log_base.shape[-1] != logits.shape[1]:
+                check_num_classes(tables.log_explore, logits, "ccar")
+            try:
+                return kernel.ccar_loss(
+                    logits, targets, tables.log_base, spec.shift, spec.margins, spec.scale, spec.class_weight,
+                    float(omega), spec.gamma, bool(detach_weight), _REDUCTION_CODE[reduction],
+                )
+            except IndexError as exc:  # an out-of-range target; the kernel's message names the value
+                raise LossError(str(exc).splitlines()[0]) from None
     if check:
         check_targets(logits, targets, "ccar")
         check_num_classes(tables.log_explore, logits, "ccar")

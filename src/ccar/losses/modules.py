@@ -126,14 +126,13 @@ class CCARLoss(LongTailLoss):
             raise LossError(f"ccar: normalize must be None or 'batch', got {normalize!r}")
         super().__init__(base, class_counts, reduction, drw_epoch, drw_beta, **base_options)
         tables = LF.ccar_tables(as_counts(class_counts, who="ccar"), frequency, power_base, strength)
-        self.register_buffer("log_explore", _f32(tables.log_explore), persistent=False)
-        self.register_buffer("log_consolidate", _f32(tables.log_consolidate), persistent=False)
+        self.register_buffer("log_base", _f32(tables.log_base), persistent=False)
         self.base, self.omega, self.power_base = base, float(omega), float(power_base)
         self.detach_weight, self.normalize, self.frequency, self.strength = bool(detach_weight), normalize, frequency, strength
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self._check_classes(logits)
-        tables = LF.CCARTables(self.log_explore, self.log_consolidate)
+        tables = LF.CCARTables(self.log_base)
         return LF.ccar_from_spec(
             logits, targets, self.spec(), tables, self.omega, self.detach_weight, self.normalize, self.reduction,
             check=self.validate,
@@ -144,7 +143,7 @@ class CCARLoss(LongTailLoss):
         with torch.no_grad():
             z = LF.adjusted_logits(logits, targets, self.spec())
             p_t = torch.softmax(z, 1).gather(1, targets.unsqueeze(1)).squeeze(1)
-            log_b = torch.where(p_t < self.omega, self.log_explore[targets], self.log_consolidate[targets])
+            log_b = self.log_base[(p_t >= self.omega).long(), targets]
             return torch.exp((self.omega - p_t) * log_b)
 
     def extra_repr(self) -> str:

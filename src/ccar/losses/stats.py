@@ -48,8 +48,11 @@ def as_counts(class_counts: CountsLike, *, positive: bool = False, who: str = "l
     return counts
 
 
-def check_targets(logits: torch.Tensor, targets: torch.Tensor, who: str = "loss") -> None:
-    """Raise :class:`LossError` unless ``logits`` is (N, C) and ``targets`` holds N integer labels in [0, C)."""
+def check_targets(logits: torch.Tensor, targets: torch.Tensor, who: str = "loss", values: bool = True) -> None:
+    """Raise :class:`LossError` unless ``logits`` is (N, C) and ``targets`` holds N integer labels in [0, C).
+
+    ``values=False`` skips the range check (a host sync), for callers that check the values themselves.
+    """
     if logits.ndim != 2:
         raise LossError(f"{who}: logits must have shape (batch, classes), got {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -61,7 +64,7 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, who: str = "loss"
         )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise LossError(f"{who}: targets must be integer class indices, got dtype {targets.dtype}")
-    if targets.numel():
+    if values and targets.numel():
         num_classes = logits.shape[1]
         lo, hi = torch.aminmax(targets)
         lo, hi = int(lo), int(hi)  # one host sync per call; a device-side assert is far worse
