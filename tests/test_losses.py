@@ -1,5 +1,6 @@
 """The loss library against method.md: test vectors, properties, equivalences, gradients, bad input."""
 
+import contextlib
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from ccar.losses import (
     posthoc_logit_adjustment,
 )
 from ccar.losses import functional as LF
+from ccar.losses import native
 
 COUNTS = [500, 200, 80, 30, 12, 5]
 P_TS = [0.01, 0.10, 0.50, 0.74, 0.75, 0.90, 0.999]
@@ -83,6 +85,27 @@ def test_omega_weight_rejects_bad_pivot_and_base():
 
 
 # --- CCAR against a composed reference -----------------------------------------------------------------------------
+# CCAR on CPU runs the compiled kernel when it is available and the pure-PyTorch autograd function otherwise; the
+# tests below run on both (`path`).
+
+PATHS = ["kernel", "pytorch"]
+
+
+@contextlib.contextmanager
+def on_path(path):
+    if path == "pytorch":
+        with native.disabled():
+            yield
+    else:
+        if native.kernel() is None:
+            pytest.skip(f"compiled kernel unavailable here: {native.status()}")
+        yield
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    with on_path(request.param):
+        yield request.param
 
 
 def reference_ccar(x, y, counts, base, omega=0.75, detach=False, normalize=None, frequency="sum", **opts):
@@ -104,7 +127,7 @@ def reference_ccar(x, y, counts, base, omega=0.75, detach=False, normalize=None,
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("detach", [False, True])
 @pytest.mark.parametrize("normalize", [None, "batch"])
-def test_fused_ccar_equals_reference(base, detach, normalize):
+def test_fused_ccar_equals_reference(base, detach, normalize, path):
     opts = BASE_OPTS.get(base, {})
     x1, y = batch(1)
     x2 = x1.detach().clone().requires_grad_()
@@ -116,7 +139,7 @@ def test_fused_ccar_equals_reference(base, detach, normalize):
     assert torch.allclose(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_frequency_max_variant_and_detach_change_things():
+def test_frequency_max_variant_and_detach_change_things(path):
     x, y = batch(2)
     raw = ccar_loss(x, y, COUNTS)
     assert not torch.allclose(raw, ccar_loss(x, y, COUNTS, frequency="max"))
@@ -127,7 +150,7 @@ def test_frequency_max_variant_and_detach_change_things():
 
 
 @pytest.mark.parametrize("base", BASES)
-def test_ccar_with_omega_one_equals_base(base):
+def test_ccar_with_omega_one_equals_base(base, path):
     """Omega forced to 1 (strength 0) must reproduce the base loss exactly: values and gradients."""
     opts = BASE_OPTS.get(base, {})
     x1, y = batch(3)
@@ -141,7 +164,7 @@ def test_ccar_with_omega_one_equals_base(base):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions(reduction):
+def test_reductions(reduction, path):
     x, y = batch(4)
     per = ccar_loss(x, y, COUNTS, reduction="none")
     got = ccar_loss(x, y, COUNTS, reduction=reduction)
@@ -229,6 +252,24 @@ def test_drw_switches_weights_on_at_its_epoch():
     assert torch.allclose(after, want, atol=1e-5)
 
 
+def test_ccar_over_ldam_drw_matches_reference_after_the_switch(path):
+    loss_fn = build_loss("ccar", COUNTS, base="ldam", drw_epoch=1)
+    x1, y = batch(18, scale=0.3)
+    x2 = x1.detach().clone().requires_grad_()
+    loss_fn.set_epoch(1)
+    got = loss_fn(x1, y)
+    w = LF.class_balanced_weights(torch.tensor(COUNTS, dtype=torch.float64), 0.9999).float()
+    spec = LF.make_base_spec("ldam", COUNTS)
+    z = LF.adjusted_logits(x2, y, spec)
+    log_pt = torch.log_softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+    freq = torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS)
+    want = (omega_weight(log_pt.exp(), freq[y]) * w[y] * -log_pt).mean()
+    got.backward()
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
 # --- gradients and numerics ------------------------------------------------------------------------------------------
 
 
@@ -241,7 +282,7 @@ DETACHED = [("ccar", {"base": "ce", "detach_weight": True})]
 
 
 @pytest.mark.parametrize("name,opts", ALL_LOSSES, ids=lambda v: str(v))
-def test_gradcheck_float64(name, opts):
+def test_gradcheck_float64(name, opts, path):
     loss_fn = build_loss(name, COUNTS, **opts).double()
     x, y = batch(13, n=5, scale=0.5 if opts.get("base", name) == "ldam" else 2.0, dtype=torch.float64)
     # p_t must not sit on the pivot, where Omega's derivative jumps.
@@ -264,15 +305,22 @@ def test_finite_values_and_gradients_anywhere(n, c, magnitude, bf16, which, seed
     loss_fn = build_loss(name, counts, **opts)
     x = ((torch.rand(n, c, generator=g) * 2 - 1) * magnitude).requires_grad_()
     y = torch.randint(0, c, (n,), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = x * 1.0
-        loss = loss_fn(logits, y)
-    assert loss.dtype == torch.float32
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    results = []
+    for path in PATHS if native.kernel() is not None else ["pytorch"]:
+        x.grad = None
+        with on_path(path), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = x * 1.0
+            loss = loss_fn(logits, y)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:  # both CCAR paths agree (bf16 logits: same float32 math on the same input)
+        assert torch.allclose(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-6 * max(1.0, magnitude))
 
 
-def test_bf16_logits_give_float32_math():
+def test_bf16_logits_give_float32_math(path):
     x, y = batch(14)
     xb = x.detach().bfloat16().requires_grad_()
     out = ccar_loss(xb, y, COUNTS)
@@ -285,7 +333,7 @@ def test_bf16_logits_give_float32_math():
 # --- bad input --------------------------------------------------------------------------------------------------------
 
 
-def test_targets_validation_names_the_value():
+def test_targets_validation_names_the_value(path):
     x, _ = batch(15)
     with pytest.raises(LossError, match="target value 6 is out of range for 6 classes"):
         ccar_loss(x, torch.full((16,), 6), COUNTS)
@@ -297,7 +345,7 @@ def test_targets_validation_names_the_value():
         cross_entropy(x, torch.zeros(3, dtype=torch.long))
 
 
-def test_counts_validation():
+def test_counts_validation(path):
     x, y = batch(16)
     with pytest.raises(LossError, match="class_counts has 3 entries but logits have 6"):
         ccar_loss(x, y, [1, 2, 3])
@@ -327,7 +375,7 @@ def test_options_validation_lists_valid_ones():
         build_loss("cb", COUNTS, beta=1.0)
 
 
-def test_module_moves_tables_with_to_and_reports_weights():
+def test_module_moves_tables_with_to_and_reports_weights(path):
     loss_fn = CCARLoss(COUNTS, base="bs").double()
     x, y = batch(17, dtype=torch.float64)
     assert loss_fn(x, y).dtype == torch.float64
