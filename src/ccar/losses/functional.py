@@ -347,6 +347,31 @@ NORMALIZE = (None, "batch")
 _REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # the kernel's reduction argument
 
 
+def kernel_args(spec: BaseSpec, tables: CCARTables, omega: float, detach_weight: bool, reduction: str) -> tuple:
+    """The compiled kernel's arguments after (logits, targets); :class:`CCARLoss` caches this tuple."""
+    return (tables.log_base, spec.shift, spec.margins, spec.scale, spec.class_weight, float(omega), spec.gamma,
+            bool(detach_weight), _REDUCTION_CODE[reduction])
+
+
+def run_kernel(kernel, logits: torch.Tensor, targets: torch.Tensor, args: tuple) -> torch.Tensor:
+    """CCAR through the compiled CPU kernel (:mod:`ccar.losses.native`).
+
+    The kernel makes every input check of the Python path itself, at no cost; on an error the Python checks run
+    to phrase it as a :class:`LossError`.
+    """
+    try:
+        return kernel.ccar_loss(logits, targets, *args)
+    except (IndexError, ValueError, RuntimeError) as exc:
+        error = exc
+    raise_kernel_error(error, logits, targets, args)
+
+
+def raise_kernel_error(error: Exception, logits: torch.Tensor, targets: torch.Tensor, args: tuple):
+    check_targets(logits, targets, "ccar")
+    check_num_classes(args[0][0], logits, "ccar")
+    raise error
+
+
 def ccar_from_spec(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -363,23 +388,13 @@ def ccar_from_spec(
     On CPU, without batch normalisation, this runs the compiled kernel (:mod:`ccar.losses.native`) when it is
     available; otherwise the autograd function below. Both compute the same values and gradients.
     """
+    if normalize is None and reduction in _REDUCTION_CODE and logits.is_cpu:
+        kernel = native.kernel()
+        if kernel is not None:
+            return run_kernel(kernel, logits, targets, kernel_args(spec, tables, omega, detach_weight, reduction))
     _check_reduction(reduction)
     if normalize not in NORMALIZE:
         raise LossError(f"ccar: normalize must be None or 'batch', got {normalize!r}")
-    if normalize is None and logits.device.type == "cpu":
-        kernel = native.kernel()
-        if kernel is not None:
-            # The kernel range-checks every target as it reads it, so `check` only decides the structural checks.
-            check_targets(logits, targets, "ccar", values=False)
-            if tables.log_base.shape[-1] != logits.shape[1]:
-                check_num_classes(tables.log_explore, logits, "ccar")
-            try:
-                return kernel.ccar_loss(
-                    logits, targets, tables.log_base, spec.shift, spec.margins, spec.scale, spec.class_weight,
-                    float(omega), spec.gamma, bool(detach_weight), _REDUCTION_CODE[reduction],
-                )
-            except IndexError as exc:  # an out-of-range target; the kernel's message names the value
-                raise LossError(str(exc).splitlines()[0]) from None
     if check:
         check_targets(logits, targets, "ccar")
         check_num_classes(tables.log_explore, logits, "ccar")

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import LossError
 from . import functional as LF
+from . import native
 from .stats import CountsLike, as_counts, class_balanced_weights
 
 
@@ -59,6 +60,7 @@ class LongTailLoss(nn.Module):
         self.register_buffer("drw_weight", _f32(drw_weight), persistent=False)
         self.num_classes = None if counts is None else len(counts)
         self.epoch = 0
+        self._specs: dict = {}  # DRW state -> BaseSpec (and CCAR's kernel arguments) over the current buffers
         # Range-check the targets on every call (one host sync); trainers that validated labels at load time
         # can switch it off.
         self.validate = True
@@ -72,8 +74,18 @@ class LongTailLoss(nn.Module):
         return self.drw_epoch is not None and self.epoch >= self.drw_epoch
 
     def spec(self) -> LF.BaseSpec:
-        weight = self.drw_weight if self.drw_active else self.class_weight
-        return LF.BaseSpec(self.name, self.shift, self.margins, self.scale, weight, self.gamma)
+        """The base loss over this module's buffers; cached per DRW state (small batches feel every microsecond)."""
+        active = self.drw_active
+        spec = self._specs.get(active)
+        if spec is None:
+            weight = self.drw_weight if active else self.class_weight
+            spec = self._specs[active] = LF.BaseSpec(self.name, self.shift, self.margins, self.scale, weight, self.gamma)
+        return spec
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .double() / .cuda() replace the buffers: drop what was built on the old ones.
+        self._specs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _check_classes(self, logits: torch.Tensor) -> None:
         if self.num_classes is not None and logits.ndim == 2 and logits.shape[1] != self.num_classes:
@@ -131,10 +143,24 @@ class CCARLoss(LongTailLoss):
         self.detach_weight, self.normalize, self.frequency, self.strength = bool(detach_weight), normalize, frequency, strength
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.normalize is None and logits.is_cpu:
+            kernel = native.kernel()
+            if kernel is not None:  # the compiled kernel, with its arguments cached per DRW state
+                active = self.drw_active
+                args = self._specs.get(("kernel", active))
+                if args is None:
+                    args = self._specs[("kernel", active)] = LF.kernel_args(
+                        self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight, self.reduction
+                    )
+                try:
+                    return kernel.ccar_loss(logits, targets, *args)
+                except (IndexError, ValueError, RuntimeError) as exc:
+                    error = exc
+                self._check_classes(logits)
+                LF.raise_kernel_error(error, logits, targets, args)
         self._check_classes(logits)
-        tables = LF.CCARTables(self.log_base)
         return LF.ccar_from_spec(
-            logits, targets, self.spec(), tables, self.omega, self.detach_weight, self.normalize, self.reduction,
+            logits, targets, self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight, self.normalize, self.reduction,
             check=self.validate,
         )
 

@@ -67,12 +67,19 @@ struct FusedCCAR : public torch::autograd::Function<FusedCCAR> {
                         const c10::optional<Tensor>& shift, const c10::optional<Tensor>& margins, double scale,
                         const c10::optional<Tensor>& class_weight, double omega, double gamma, bool detach,
                         int64_t reduction) {
-    TORCH_CHECK(logits.device().is_cpu(), "ccar: the compiled kernel takes CPU tensors");
-    TORCH_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),
-                "ccar: logits must be (batch, classes) and targets (batch,)");
+    // Every check the Python path makes, so that the caller can skip its own; it re-runs them on an error to
+    // phrase the message.
+    TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), "ccar: the compiled kernel takes CPU tensors");
+    TORCH_CHECK_VALUE(logits.dim() == 2 && at::isFloatingType(logits.scalar_type()),
+                      "ccar: logits must be floating point with shape (batch, classes)");
+    TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0),
+                      "ccar: targets must have shape (batch,) to match the logits");
+    TORCH_CHECK_VALUE(at::isIntegralType(targets.scalar_type(), /*includeBool=*/false),
+                      "ccar: targets must be integer class indices");
     const auto dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // float32 math for halves
     const int64_t n = logits.size(0), c = logits.size(1);
-    TORCH_CHECK(log_base.numel() == 2 * c, "ccar: CCAR tables hold ", log_base.numel() / 2, " classes, logits ", c);
+    TORCH_CHECK_VALUE(log_base.numel() == 2 * c, "ccar: class_counts has ", log_base.numel() / 2,
+                      " entries but logits have ", c, " classes");
     const Tensor y = targets.to(at::kCPU, at::kLong).contiguous();
     const int64_t* yp = y.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
