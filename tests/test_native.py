@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -85,10 +86,17 @@ def test_build_failure_warns_once_and_falls_back(fresh_state):
         native.kernel()
 
 
-def test_kernel_name_tracks_source_torch_and_python():
+def test_kernel_name_tracks_source_torch_and_python(monkeypatch, tmp_path):
     name = native.build_name()
     assert name.startswith("ccar_cpu_") and len(name) == len("ccar_cpu_") + 12
     assert native.build_dir().name == name
+    edited = tmp_path / "ccar_cpu.cpp"
+    edited.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.build_name() != name  # an edited kernel gets a fresh build
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-env" / "torch" / "__init__.py"))
+    assert native.build_name() != name  # so does another environment's torch
 
 
 def test_cli_reports_the_path(capsys):
@@ -146,8 +154,10 @@ def test_kernel_errors_are_loss_errors():
         loss_fn(x, torch.tensor([0, 7, 1]))
     with pytest.raises(LossError, match="target value -2"):
         loss_fn(x, torch.tensor([0, -2, 1]))
-    with pytest.raises(LossError, match="built for 6 classes"):
+    with pytest.raises(LossError, match="class_counts has 6 entries but logits have 4 classes"):
         loss_fn(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(LossError, match="shape"):
+        loss_fn(x, torch.tensor([0, 1]))
     with pytest.raises(LossError, match="integer"):
         loss_fn(x, torch.tensor([0.0, 1.0, 2.0]))
 
@@ -158,9 +168,35 @@ def test_concurrent_first_builds_share_one_compile(tmp_path):
     needs_compiler()
     code = "from ccar.losses import native; m = native.kernel(); assert m is not None; print(m.__file__)"
     env = {**os.environ, "CCAR_CACHE": str(tmp_path), "CCAR_NATIVE": "on"}
+    stale = tmp_path / "kernels" / native.build_name() / "lock"  # as if an earlier build had been SIGKILLed
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert outs[0][0] == outs[1][0] and outs[0][0].startswith(str(tmp_path / "kernels"))
     assert [d.name for d in (tmp_path / "kernels").iterdir()] == [native.build_name()]
+    assert (stale.parent / "ok").exists() and not stale.exists()
+
+
+def test_finished_builds_import_directly_and_damaged_ones_rebuild(monkeypatch, tmp_path):
+    """No lock and no ninja run once a build has finished; a build is trusted only after it loaded ('ok')."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("CCAR_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw["name"]) or "built")
+    directory = native.build_dir()
+    assert native.build() == "built" and (directory / "ok").exists() and len(calls) == 1
+    monkeypatch.setattr(native, "_import", lambda path: f"imported {path.name}")
+    assert native.build().startswith(f"imported {directory.name}") and len(calls) == 1
+
+    def damaged(path):
+        raise ImportError("file too short")
+
+    monkeypatch.setattr(native, "_import", damaged)
+    young = directory / "lock"
+    young.touch()  # a build in progress elsewhere: left alone
+    assert native.build() == "built" and len(calls) == 2 and young.exists()

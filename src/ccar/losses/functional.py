@@ -297,11 +297,12 @@ def ccar_tables(counts: torch.Tensor, frequency: str = "sum", power_base: float 
 
 
 class _FusedCCAR(torch.autograd.Function):
-    """Omega * w_y * focal/CE on adjusted logits z, with a hand-written backward.
+    """Omega * w_y * focal/CE on adjusted logits z, with a hand-written backward: the pure-PyTorch path (GPUs, and
+    CPUs without the compiled kernel of :mod:`ccar.losses.native`, which computes the same thing in C++).
 
     Every per-sample loss is a function h(s) of s = log p_t alone, and ds/dz = onehot - softmax(z), so the gradient
     is h'(s) * (onehot - softmax): CE's own gradient scaled per sample. Saving log_softmax and doing one exp in
-    backward costs about what cross-entropy costs.
+    backward costs about what cross-entropy costs on large batches; on small ones Python's per-call cost dominates.
     """
 
     @staticmethod
@@ -362,11 +363,7 @@ def run_kernel(kernel, logits: torch.Tensor, targets: torch.Tensor, args: tuple)
     try:
         return kernel.ccar_loss(logits, targets, *args)
     except (IndexError, ValueError, RuntimeError) as exc:
-        error = exc
-    raise_kernel_error(error, logits, targets, args)
-
-
-def raise_kernel_error(error: Exception, logits: torch.Tensor, targets: torch.Tensor, args: tuple):
+        error = exc  # raised below, outside this handler, so that a LossError does not chain onto it
     check_targets(logits, targets, "ccar")
     check_num_classes(args[0][0], logits, "ccar")
     raise error

@@ -60,7 +60,7 @@ class LongTailLoss(nn.Module):
         self.register_buffer("drw_weight", _f32(drw_weight), persistent=False)
         self.num_classes = None if counts is None else len(counts)
         self.epoch = 0
-        self._specs: dict = {}  # DRW state -> BaseSpec (and CCAR's kernel arguments) over the current buffers
+        self._cache: dict = {}  # per DRW state: the BaseSpec (and CCAR's kernel arguments) over the current buffers
         # Range-check the targets on every call (one host sync); trainers that validated labels at load time
         # can switch it off.
         self.validate = True
@@ -76,15 +76,15 @@ class LongTailLoss(nn.Module):
     def spec(self) -> LF.BaseSpec:
         """The base loss over this module's buffers; cached per DRW state (small batches feel every microsecond)."""
         active = self.drw_active
-        spec = self._specs.get(active)
+        spec = self._cache.get(active)
         if spec is None:
             weight = self.drw_weight if active else self.class_weight
-            spec = self._specs[active] = LF.BaseSpec(self.name, self.shift, self.margins, self.scale, weight, self.gamma)
+            spec = self._cache[active] = LF.BaseSpec(self.name, self.shift, self.margins, self.scale, weight, self.gamma)
         return spec
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double() / .cuda() replace the buffers: drop what was built on the old ones.
-        self._specs.clear()
+        self._cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def _check_classes(self, logits: torch.Tensor) -> None:
@@ -146,22 +146,17 @@ class CCARLoss(LongTailLoss):
         if self.normalize is None and logits.is_cpu:
             kernel = native.kernel()
             if kernel is not None:  # the compiled kernel, with its arguments cached per DRW state
-                active = self.drw_active
-                args = self._specs.get(("kernel", active))
+                key = ("kernel", self.drw_active)
+                args = self._cache.get(key)
                 if args is None:
-                    args = self._specs[("kernel", active)] = LF.kernel_args(
+                    args = self._cache[key] = LF.kernel_args(
                         self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight, self.reduction
                     )
-                try:
-                    return kernel.ccar_loss(logits, targets, *args)
-                except (IndexError, ValueError, RuntimeError) as exc:
-                    error = exc
-                self._check_classes(logits)
-                LF.raise_kernel_error(error, logits, targets, args)
+                return LF.run_kernel(kernel, logits, targets, args)
         self._check_classes(logits)
         return LF.ccar_from_spec(
-            logits, targets, self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight, self.normalize, self.reduction,
-            check=self.validate,
+            logits, targets, self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight,
+            self.normalize, self.reduction, check=self.validate,
         )
 
     def weight(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

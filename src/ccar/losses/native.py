@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +32,7 @@ from ..errors import LossError
 ENV = "CCAR_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "ccar_cpu.cpp"
 _MODES = {"auto": "auto", "": "auto", "on": "on", "1": "on", "true": "on", "off": "off", "0": "off", "false": "off"}
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (a build takes under 2 minutes)
 _lock = threading.Lock()
 _state: dict = {}  # "module": the loaded kernel or None; "reason": why there is none
 
@@ -44,8 +47,10 @@ def mode() -> str:
 
 
 def build_name() -> str:
-    """Extension name: changes with the source, torch and Python, so a stale build is never loaded."""
-    tag = f"{torch.__version__}|{sys.version_info[0]}.{sys.version_info[1]}|".encode() + SOURCE.read_bytes()
+    """Extension name: changes with the source and with the torch build and Python it is compiled against (two
+    environments sharing one cache never rebuild, or load, each other's kernel)."""
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    tag = f"{torch.__version__}|{torch_dir}|{sys.version_info[0]}.{sys.version_info[1]}|".encode() + SOURCE.read_bytes()
     return f"ccar_cpu_{hashlib.sha256(tag).hexdigest()[:12]}"
 
 
@@ -55,10 +60,30 @@ def build_dir() -> Path:
     return cache_dir() / "kernels" / build_name()
 
 
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(verbose: bool = False) -> ModuleType:
-    """Compile (or load the cached build of) the kernel; raises whatever the toolchain raises."""
+    """Load the cached kernel, or compile it first; raises whatever the toolchain raises.
+
+    A finished build is imported directly (no lock, no ninja run), so a process killed at any point never leaves
+    the others waiting; ``ok`` is written only after a build loaded successfully.
+    """
     from torch.utils import cpp_extension
 
+    directory = build_dir()
+    library = directory / f"{directory.name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+    if (directory / "ok").exists():
+        try:
+            return _import(library)
+        except (ImportError, OSError):
+            pass  # damaged: build it again below
     try:  # the ninja wheel's binary, for environments where ninja is not on PATH
         import ninja
 
@@ -66,15 +91,25 @@ def build(verbose: bool = False) -> ModuleType:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    directory = build_dir()
-    if not any(directory.glob(f"{directory.name}*.so")) and not any(directory.glob(f"{directory.name}*.pyd")):
-        print(f"ccar: compiling the CCAR CPU kernel once (about 20-60 s) into {directory}; "
-              f"{ENV}=off skips it", file=sys.stderr, flush=True)
+    print(f"ccar: compiling the CCAR CPU kernel once (about 20-60 s) into {directory}; "
+          f"{ENV}=off skips it", file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=directory.name, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory),
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # left by a build that was killed; torch would wait on it forever
+    # Compile a copy kept in the build folder: the build's inputs then do not depend on where this checkout lives.
+    source = directory / SOURCE.name
+    code = SOURCE.read_bytes()
+    if not source.exists() or source.read_bytes() != code:
+        tmp = directory / f".{SOURCE.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(code)
+        os.replace(tmp, source)
+    module = cpp_extension.load(
+        name=directory.name, sources=[str(source)], extra_cflags=["-O3"], build_directory=str(directory),
         with_cuda=False, verbose=verbose,
     )
+    (directory / "ok").touch()
+    return module
 
 
 def _load() -> Optional[ModuleType]:
