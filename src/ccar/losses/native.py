@@ -126,7 +126,7 @@ def _load() -> Optional[ModuleType]:
         if setting == "on":
             raise LossError(f"{ENV}=on but the compiled CCAR kernel could not be built ({reason})") from exc
         warnings.warn(
-            f"ccar: compiled CPU kernel unavailable ({reason}); using the pure-PyTorch CCAR path (same results, "
+            f"ccar: compiled CPU kernel unavailable ({reason}); using the pure-PyTorch CCAR path (the same math, "
             f"more per-call overhead on small batches). Set {ENV}=off to skip the attempt.",
             RuntimeWarning,
             stacklevel=3,
