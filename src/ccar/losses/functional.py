@@ -383,7 +383,8 @@ def ccar_from_spec(
     """CCAR over a prepared base loss; the modules call this with tables cached on the device.
 
     On CPU, without batch normalisation, this runs the compiled kernel (:mod:`ccar.losses.native`) when it is
-    available; otherwise the autograd function below. Both compute the same values and gradients.
+    available; otherwise the autograd function below. Both compute the same values and gradients (up to float
+    rounding: the operations run in a different order).
     """
     if normalize is None and reduction in _REDUCTION_CODE and logits.is_cpu:
         kernel = native.kernel()

@@ -5,7 +5,8 @@ Python and every autograd node with a Python backward costs microseconds. ``csrc
 loss (any base) as one autograd node with a C++ forward and backward, so on CPU it costs about what
 ``F.cross_entropy`` costs. It is compiled once per machine with ``torch.utils.cpp_extension`` (needs a C++
 compiler; ``ninja`` comes with ccar) and cached under ``~/.cache/ccar/kernels`` (``$CCAR_CACHE``). Without a
-compiler, ccar says so once and uses the pure-PyTorch path, which gives the same values and gradients.
+compiler, ccar says so once and uses the pure-PyTorch path, which gives the same values and gradients up to float
+rounding.
 
 ``CCAR_NATIVE`` chooses: ``auto`` (default: use the kernel when it builds), ``on`` (fail loudly if it does not),
 ``off`` (never build or use it). ``ccar kernel`` builds it ahead of time and reports which path is used.
