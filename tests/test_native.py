@@ -200,3 +200,13 @@ def test_finished_builds_import_directly_and_damaged_ones_rebuild(monkeypatch, t
     young = directory / "lock"
     young.touch()  # a build in progress elsewhere: left alone
     assert native.build() == "built" and len(calls) == 2 and young.exists()
+
+
+def test_implementation_names_the_path():
+    loss_fn = CCARLoss(COUNTS)
+    assert CCARLoss(COUNTS, normalize="batch").implementation() == "composed autograd ops (batch-normalised weights)"
+    assert loss_fn.implementation("cuda") == "PyTorch autograd function"
+    with native.disabled():
+        assert loss_fn.implementation("cpu") == "PyTorch autograd function"
+    if native.kernel() is not None:
+        assert loss_fn.implementation("cpu") == "compiled CPU kernel"

@@ -206,9 +206,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
         best_state = ckpt.load_into(model, optimizer, tensors, opt_meta)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
+    # Which code computes CCAR here: the paths agree up to float rounding, so bit-identical reruns need the same one.
+    implementation = loss_fn.implementation(device) if hasattr(loss_fn, "implementation") else None
     if ctx.is_main:
+        path = f" [{implementation}]" if implementation else ""
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}), "
-            f"loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
+            f"loss {loss_fn!r}{path}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
         with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
     tb = _tensorboard(run_dir) if ctx.is_main else None
@@ -288,7 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     bar.close()
     if tb is not None:
         tb.close()
-    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
+    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log,
+                  loss_implementation=implementation)
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -339,7 +343,8 @@ def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dt
     return classification_metrics(logits, targets, counts)
 
 
-def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
+def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log,
+           loss_implementation: Optional[str] = None) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
     last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -364,6 +369,8 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         "best": results["best"],
         "last": results["last"],
     }
+    if loss_implementation:
+        metrics["loss_implementation"] = loss_implementation
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         ckpt.save_weights(run_dir / "best.safetensors", best_state or last_state)

@@ -159,6 +159,14 @@ class CCARLoss(LongTailLoss):
             self.normalize, self.reduction, check=self.validate,
         )
 
+    def implementation(self, device: torch.device | str = "cpu") -> str:
+        """Which code computes this loss for tensors on ``device`` (the paths agree up to float rounding)."""
+        if self.normalize is not None:
+            return "composed autograd ops (batch-normalised weights)"
+        if torch.device(device).type == "cpu" and native.kernel() is not None:
+            return "compiled CPU kernel"
+        return "PyTorch autograd function"
+
     def weight(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Omega per sample for these logits (no gradient); handy for plots and diagnostics."""
         with torch.no_grad():
