@@ -166,6 +166,14 @@ def test_metrics_on_a_hand_computed_confusion_matrix():
     assert m["ece"] == pytest.approx(100 * abs(0.6 - conf), abs=1e-4)
 
 
+def test_per_class_accuracy_equals_each_class_masked_mean():
+    g = torch.Generator().manual_seed(0)
+    logits, t = torch.randn(3000, 37, generator=g), torch.randint(0, 36, (3000,), generator=g)  # class 36 absent
+    correct = (logits.argmax(1) == t).double()
+    want = [100.0 * correct[t == c].mean().item() if (t == c).any() else None for c in range(37)]
+    assert classification_metrics(logits, t, [5] * 37)["per_class"] == want
+
+
 def test_rank_thirds_and_empty_groups():
     assert rank_thirds([5, 100, 50, 1000]) == {"head": [1, 3], "middle": [2], "tail": [0]}
     m = classification_metrics(torch.eye(2), torch.tensor([0, 1]), [500, 400])

@@ -8,6 +8,7 @@ device, so the model sees the same input either way.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional, Tuple
 
@@ -45,12 +46,17 @@ def normalize(batch: torch.Tensor, augment: Augment, channels_last: bool = False
         shape = (1, -1, 1, 1)
     else:
         shape = (1, -1)
-    mean = torch.tensor(augment.mean, device=x.device).view(shape)
-    std = torch.tensor(augment.std, device=x.device).view(shape)
+    mean, std = _stats_on(tuple(augment.mean), tuple(augment.std), x.device, shape)
     x = (x - mean) / std
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_on(mean: tuple, std: tuple, device: torch.device, shape: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as tensors on ``device``, made once instead of copied to the device every batch."""
+    return torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape)
 
 
 class DeviceLoader:

@@ -65,10 +65,10 @@ def classification_metrics(
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
     correct = (pred == targets).double()
-    per_class: List[Optional[float]] = []
-    for c in range(num_classes):
-        mask = targets == c
-        per_class.append(100.0 * correct[mask].mean().item() if mask.any() else None)
+    # One pass for all classes (iNaturalist has 8,142): hits and sample counts per class.
+    hits = torch.bincount(targets, weights=correct, minlength=num_classes).tolist()
+    seen = torch.bincount(targets, minlength=num_classes).tolist()
+    per_class: List[Optional[float]] = [100.0 * (h / n) if n else None for h, n in zip(hits, seen)][:num_classes]
 
     def group_mean(classes: Iterable[int]) -> Optional[float]:
         return _mean_or_none([per_class[c] for c in classes if per_class[c] is not None])

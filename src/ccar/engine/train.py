@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         net.train()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
+        checked = 0  # steps before this one are known to have finite losses
+        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(train_loader):
             lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
             for group in optimizer.param_groups:
@@ -239,9 +241,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             loss = loss_fn(logits, y)
             nonfinite[step] = ~torch.isfinite(loss.detach())
             if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
-                if nonfinite[: step + 1].any():
-                    bad = int(nonfinite.nonzero()[0])
+                if nonfinite[checked : step + 1].any():
+                    bad = checked + int(nonfinite[checked : step + 1].nonzero()[0])
                     raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
+                checked = step + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -250,7 +253,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 totals[1] += (logits.argmax(1) == y).sum()
                 totals[2] += len(y)
             bar.update(1)
-            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         ctx.all_reduce_sum(totals)
         train_seconds = time.perf_counter() - t0
         if has_val:

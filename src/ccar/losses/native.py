@@ -163,7 +163,6 @@ def reset() -> None:
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Use the pure-PyTorch path inside the block (tests and benchmarks compare the two)."""
-    kernel()
     with _lock:
         saved = dict(_state)
         _state["module"] = None
