@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ccar-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test data bench clean
+.PHONY: train test data bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ train: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A long randomised fuzzing campaign over every reader of outside bytes (>= 20,000 inputs per parser, a fresh seed,
+# each parser in a process restarted after a crash); not part of `make test`, whose fuzz inputs are fixed.
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzzing.py $(FUZZ_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_overhead.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis fuzz-findings

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Every property test draws the same examples on every run (no example database, no fresh randomness): the same
+# commit always gives the same result. Long randomised campaigns live outside `make test` (`make fuzz`).
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.load_profile("deterministic")
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:

@@ -138,6 +138,37 @@ def test_config_errors_name_the_key():
     assert load_config(None, ["optim.lr=1", "optim.milestones=[3, 4]"]).optim.lr == 1.0
 
 
+@pytest.mark.parametrize("override,message", [
+    ("epochs=-3", "epochs must be an integer >= 1, got -3"),
+    ("epochs=0", "epochs must be an integer >= 1"),
+    ("optim.batch_size=0", "optim.batch_size must be an integer >= 1"),
+    ("optim.lr=0", "optim.lr must be a number > 0"),
+    ("optim.lr=-0.1", "optim.lr must be a number > 0"),
+    ("val_fraction=1", r"val_fraction must be a fraction in \[0, 1\)"),
+    ("val_fraction=-0.1", "val_fraction must be a fraction"),
+    ("imbalance=0.5", "imbalance must be a number >= 1"),
+    ("workers=-1", "workers must be an integer >= 0"),
+    ("optim.warmup_epochs=20", r"optim.warmup_epochs must be an integer in 0..epochs \(15\)"),
+    ("optim.schedule=multistep", r"optim.milestones must be epochs within 1..epochs \(15\)"),
+    ("loss.drw_epoch=15", r"loss.drw_epoch must be an epoch in 0..14"),
+    ("seed=-1", "seed must be an integer in 0.."),
+    ("optim.momentum=1", r"optim.momentum must be a number in \[0, 1\)"),
+    ("n_max=0", "n_max must be an integer >= 1"),
+    ("model.hidden=[]", "model.hidden must be a non-empty list"),
+])
+def test_out_of_range_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_in_range_edges_are_accepted():
+    cfg = load_config(None, ["epochs=1", "optim.warmup_epochs=1", "val_fraction=0", "imbalance=1", "workers=0",
+                             "optim.schedule=multistep", "optim.milestones=[1]", "loss.drw_epoch=0"])
+    assert cfg.epochs == 1 and cfg.optim.milestones == [1]
+    with pytest.raises(ConfigError, match="epochs must be"):
+        train(TrainConfig(epochs=0))  # configs built in code are checked too
+
+
 def test_yaml_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: [1\n")
     with pytest.raises(ConfigError, match="invalid YAML"):

@@ -61,6 +61,7 @@ class LongTailData:
     augment: Augment = field(default_factory=Augment)
     input_shape: Tuple[int, ...] = ()
     kind: str = "image"  # "image" (in memory), "tabular" or "files"
+    note: str = ""  # how the long tail was made (synthetic long tails), shown in the summary
 
     @property
     def in_memory(self) -> bool:
@@ -70,9 +71,10 @@ class LongTailData:
         n_val = len(self.val[1]) if self.in_memory else len(self.val)
         n_test = len(self.test[1]) if self.in_memory else len(self.test)
         counts = self.class_counts
+        shown = f"counts {counts}" if len(counts) <= 20 else f"counts {max(counts)}..{min(counts)}"
         return (
             f"{self.name}: {sum(counts)} train / {n_val} val / {n_test} test, {self.num_classes} classes, "
-            f"counts {max(counts)}..{min(counts)} (imbalance {max(counts) / max(1, min(counts)):.0f})"
+            f"{shown} (imbalance {max(counts) / max(1, min(counts)):.0f})" + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -180,13 +182,17 @@ def build_dataset(
     profile: str = "exp",
     val_fraction: float = 0.1,
     seed: int = 0,
+    n_max: Optional[int] = None,
 ) -> LongTailData:
     """Build a long-tailed benchmark exactly as the literature does (method.md section 3).
 
     Synthetic long tails (``fashion-mnist-lt``, ``mnist-lt``, ``cifar10-lt``, ``cifar100-lt``) subset the balanced
     training set with LDAM-DRW's procedure (``imbalance`` defaults to 100; the subset does not depend on ``seed``,
     as in the literature); the validation split is then carved, seeded by ``seed``, from that subset, and the test
-    set stays balanced and untouched. Natural long tails (``imagenet-lt``, ``places-lt``, ``inat2018``, ``csv``)
+    set stays balanced and untouched. The head count ``n_max`` defaults to the smallest class of the source, so
+    that every class can supply its share: 6,000 for Fashion-MNIST, 5,000 / 500 for CIFAR-10/100 (balanced sources,
+    as in the literature) and 5,421 for MNIST, whose training classes hold 5,421 to 6,742 images. An explicit
+    ``n_max`` larger than some class can supply is an error naming the class. Natural long tails (``imagenet-lt``, ``places-lt``, ``inat2018``, ``csv``)
     come as they are; ``imbalance`` is an error there.
     """
     if name not in DATASETS:
@@ -195,10 +201,18 @@ def build_dataset(
         source = name[:-3]
         mean, std, num_classes = _STATS[source]
         x, y = _cached_source(source, data_root, "train")
-        n_max = int(np.bincount(y).max())
+        available = np.bincount(y, minlength=num_classes)
+        head = int(available.min()) if n_max is None else int(n_max)
         imbalance = 100.0 if imbalance is None else imbalance
-        counts = long_tail_counts(n_max, num_classes, imbalance, profile)
+        counts = long_tail_counts(head, num_classes, imbalance, profile)
+        short = [c for c in range(num_classes) if counts[c] > available[c]]
+        if short:
+            c = short[0]
+            raise DataError(f"{name}: class {c} has {available[c]} training images, fewer than the {counts[c]} that "
+                            f"n_max={head} asks for; use n_max <= {int(available.min())} or leave it unset")
         keep = long_tail_indices(y, counts, seed=0)
+        note = (f"head n_max={head} ({'the smallest source class' if n_max is None else 'set by n_max'}; "
+                f"source classes hold {int(available.min())}..{int(available.max())})")
         train, val = _carve_val(x[keep], y[keep], val_fraction, seed)
         test = tuple(np.array(a) for a in _cached_source(source, data_root, "test"))
         is_cifar = source.startswith("cifar")
@@ -206,10 +220,12 @@ def build_dataset(
         return LongTailData(
             name, num_classes, _tensors(train), _tensors(val), _tensors(test),
             _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
-            tuple(x.shape[1:]), "image",
+            tuple(x.shape[1:]), "image", note,
         )
     if imbalance is not None and imbalance != 1:
         raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
+    if n_max is not None:
+        raise DataError(f"{name} is a natural long tail; n_max={n_max} does not apply (leave it unset)")
     if name == "csv":
         return _build_csv(data_root, val_fraction, seed)
     return _build_files(name, data_root, val_fraction, seed)

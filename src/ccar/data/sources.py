@@ -1,7 +1,7 @@
 """Readers for the real on-disk formats. Each returns plain arrays and raises :class:`DataError` naming the file.
 
 - IDX (MNIST, Fashion-MNIST), gzipped or raw;
-- CIFAR-10/100 python pickles, through a restricted unpickler that cannot run code;
+- CIFAR-10/100 python pickles, through :mod:`.safe_pickle` (no code runs; only plain numeric arrays are built);
 - CSV feature tables with a label column;
 - image list files (ImageNet-LT, Places-LT) and iNaturalist-2018 JSON -> (relative path, label) records.
 """
@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import pickle
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
+from . import safe_pickle
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MAX_FILE_BYTES = 2 << 30  # refuse absurd sizes before reading them into memory
@@ -53,7 +55,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"IDX: {path} declares {ndim} dimensions; the header is truncated or corrupt")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: an int64 product can overflow to 0
     payload = raw[4 + 4 * ndim :]
     if len(payload) != expected:
         raise DataError(
@@ -85,39 +87,32 @@ def check_labels(labels: np.ndarray, num_classes: int, where) -> None:
 # --- CIFAR ------------------------------------------------------------------------------------------------------
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what the CIFAR python files hold: containers, bytes, numbers and numpy arrays.
-
-    Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) is refused before it is looked
-    up, so a hostile pickle cannot execute code.
-    """
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2 (files re-saved from Python 3)
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
-
-
 def safe_unpickle(path: Path) -> dict:
-    """Load a CIFAR python pickle with :class:`_RestrictedUnpickler` (``encoding="bytes"``, as the files are py2)."""
+    """Load a CIFAR python pickle with :mod:`ccar.data.safe_pickle`: no code runs, and numpy arrays are built only
+    as plain numeric arrays from checked shapes and buffers. Anything else is a :class:`DataError` naming the file."""
     raw = _read_bytes(path, "CIFAR")
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        obj = safe_pickle.loads(raw)
     except pickle.UnpicklingError as exc:
         raise DataError(f"CIFAR: refusing {path}: {exc}") from exc
     except Exception as exc:  # truncated or garbage bytes surface as many exception types
         raise DataError(f"CIFAR: {path} is not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise DataError(f"CIFAR: {path} should hold a dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _int_labels(labels, path: Path, key: str) -> np.ndarray:
+    """Labels as int64 from a flat list of ints (the CIFAR files) or a 1-D integer array; never a nested object."""
+    if type(labels) is list and all(type(v) is int for v in labels):
+        if labels and (min(labels) < -(1 << 62) or max(labels) >= 1 << 62):
+            raise DataError(f"CIFAR: {path} '{key}' holds an integer out of range")
+        return np.asarray(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        if labels.dtype.kind == "u" and labels.dtype.itemsize == 8 and len(labels) and labels.max() >= 1 << 62:
+            raise DataError(f"CIFAR: {path} '{key}' holds an integer out of range")
+        return labels.astype(np.int64)
+    raise DataError(f"CIFAR: {path} '{key}' must be a flat list of integers, found {type(labels).__name__}")
 
 
 def _cifar_arrays(path: Path, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -127,10 +122,7 @@ def _cifar_arrays(path: Path, label_key: str, num_classes: int) -> Tuple[np.ndar
     data, labels = batch["data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"CIFAR: {path} 'data' must be a uint8 array (N, 3072), found {getattr(data, 'shape', type(data))}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise DataError(f"CIFAR: {path} '{label_key}' must be a list of integers") from exc
+    labels = _int_labels(labels, path, label_key)
     if labels.shape != (len(data),):
         raise DataError(f"CIFAR: {path} has {len(data)} images but {labels.size} labels")
     check_labels(labels, num_classes, path)

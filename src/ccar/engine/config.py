@@ -80,6 +80,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist-lt"
     data_root: Optional[str] = None
     imbalance: Optional[float] = None  # default 100 for the synthetic long tails
+    n_max: Optional[int] = None  # synthetic long tails: images of the head class (default: the smallest source class)
     profile: str = "exp"
     val_fraction: float = 0.1
     seed: int = 0
@@ -176,10 +177,61 @@ def _apply(obj, mapping: Dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+# --- valid ranges ------------------------------------------------------------------------------------------------------
+
+MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every numeric key against its valid range; the first violation raises :class:`ConfigError` naming it.
+
+    Options of the loss (omega, beta, ...) are checked by the loss itself when it is built, with the same kind of
+    message; the data keys that depend on the files (e.g. an imbalance that empties a class) when the data is read.
+
+    >>> validate(TrainConfig(epochs=-3))
+    Traceback (most recent call last):
+    ccar.errors.ConfigError: epochs must be an integer >= 1, got -3
+    """
+    o = cfg.optim
+    _check(cfg.epochs >= 1, "epochs", "an integer >= 1", cfg.epochs)
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", cfg.seed)
+    _check(cfg.imbalance is None or cfg.imbalance >= 1, "imbalance", "a number >= 1 (n_max / n_min)", cfg.imbalance)
+    _check(cfg.n_max is None or cfg.n_max >= 1, "n_max", "an integer >= 1 (images of the largest class)", cfg.n_max)
+    _check(0 <= cfg.val_fraction < 1, "val_fraction", "a fraction in [0, 1)", cfg.val_fraction)
+    _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)
+    _check(cfg.workers >= 0, "workers", "an integer >= 0", cfg.workers)
+    _check(cfg.image_size >= 8, "image_size", "an integer >= 8 (pixels)", cfg.image_size)
+    _check(cfg.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1 (epochs)", cfg.checkpoint_every)
+    _check(cfg.posthoc_tau is None or cfg.posthoc_tau >= 0, "posthoc_tau", "a number >= 0", cfg.posthoc_tau)
+    _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)
+    _check(cfg.model.depth >= 1, "model.depth", "an integer >= 1", cfg.model.depth)
+    _check(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden), "model.hidden",
+           "a non-empty list of layer sizes >= 1", cfg.model.hidden)
+    _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
+    _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _check(o.batch_size >= 1, "optim.batch_size", "an integer >= 1", o.batch_size)
+    _check(0 <= o.warmup_epochs <= cfg.epochs, "optim.warmup_epochs", f"an integer in 0..epochs ({cfg.epochs})",
+           o.warmup_epochs)
+    _check(0 < o.decay <= 1, "optim.decay", "a factor in (0, 1]", o.decay)
+    if o.schedule == "multistep":
+        _check(all(1 <= m <= cfg.epochs for m in o.milestones), "optim.milestones",
+               f"epochs within 1..epochs ({cfg.epochs}) for schedule=multistep", o.milestones)
+    drw = cfg.loss.drw_epoch
+    _check(drw is None or 0 <= drw < cfg.epochs, "loss.drw_epoch", f"an epoch in 0..{cfg.epochs - 1} (epochs={cfg.epochs})",
+           drw)
+    return cfg
+
+
 def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     _apply(cfg, data or {})
-    return cfg
+    return validate(cfg)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -200,7 +252,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     apply_overrides(cfg, overrides)
-    return cfg
+    return validate(cfg)
 
 
 def parse_override(item: str) -> tuple:

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Sequence
 
 
-from ..data import build_dataset, normalize
+from ..data import normalize
 from ..errors import ConfigError
 from ..report.tables import metrics_table
 from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
-from .train import amp_dtype, eval_logit_scale, evaluate_split, make_loaders, model_from_config, resolve_device
+from .train import amp_dtype, dataset_from_config, eval_logit_scale, evaluate_split, make_loaders, model_from_config, resolve_device
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
@@ -24,7 +24,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
         raise ConfigError(f"{run_dir} is not a finished ccar run (needs config.yaml and {weights.name})")
     cfg = load_config(str(config), overrides)
     device = resolve_device(cfg.device)
-    data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
+    data = dataset_from_config(cfg)
     model = model_from_config(cfg, data).to(device)
     model.load_state_dict(ckpt.load_weights(weights))
     _, eval_batches = make_loaders(data, cfg, device, DistContext())

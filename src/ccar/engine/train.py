@@ -18,7 +18,7 @@ from ..errors import ConfigError, TrainingError
 from ..losses import build_loss, posthoc_logit_adjustment
 from ..models import NormedLinear, build_model
 from . import checkpoint as ckpt
-from .config import OptimConfig, TrainConfig, save_config, to_dict
+from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
 from .distributed import DistContext, init_distributed
 from .evaluate import classification_metrics, predict
 
@@ -67,6 +67,12 @@ def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
     if o.schedule == "constant":
         return o.lr
     raise ConfigError(f"optim.schedule must be cosine, multistep or constant; got {o.schedule!r}")
+
+
+def dataset_from_config(cfg: TrainConfig) -> LongTailData:
+    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank."""
+    return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
+                         n_max=cfg.n_max)
 
 
 def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
@@ -151,6 +157,7 @@ def _progress(total: int, enabled: bool):
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object]:
     """Train ``cfg`` into its run folder; returns the metrics written to ``metrics.json``."""
+    validate(cfg)  # configs built in code get the same range checks as files and overrides
     ctx = init_distributed(cfg.device)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and ctx.enabled:
@@ -177,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed)
+    data = dataset_from_config(cfg)
     counts = data.class_counts  # from the whole training split, so identical (global) on every rank
     if ctx.enabled:  # every rank must have built the same split; shards differ, the counts may not
         mine = torch.tensor(counts, dtype=torch.float64, device=device)
