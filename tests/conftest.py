@@ -100,19 +100,7 @@ def make_csv(root: Path, counts=(40, 12, 4), seed=0) -> Path:
 FUZZ_COUNTS: dict = {}  # parser -> number of generated inputs tried in this session
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ccar_kernel():
-    """Load (or build, once per machine) the compiled CCAR kernel before any test, so that no timed property test
-    pays for the build; the summary line says which CCAR path the CPU tests ran."""
-    from ccar.losses import native
-
-    native.kernel()
-
-
 def pytest_terminal_summary(terminalreporter):
-    from ccar.losses import native
-
-    terminalreporter.write_line(f"CCAR on CPU: {native.status()}")
     if FUZZ_COUNTS:
         tried = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_COUNTS.items()))
         terminalreporter.write_line(f"fuzzing: generated inputs tried per parser (only ccar's own errors escaped): {tried}")

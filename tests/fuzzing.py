@@ -55,9 +55,8 @@ class CraftedArray:
         self.state = (version, shape, dtype, fortran, raw)
 
     def __reduce__(self):
-        from numpy._core.multiarray import _reconstruct
-
-        return (_reconstruct, (np.ndarray, (0,), b"b"), self.state)
+        core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+        return (core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state)
 
 
 def cifar_batch(n=2, protocol=2, label_key=b"labels", data=None, labels=None, extra=None) -> bytes:

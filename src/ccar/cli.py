@@ -1,4 +1,4 @@
-"""The ``ccar`` command: ``train``, ``eval``, ``sweep``, ``kernel``.
+"""The ``ccar`` command: ``train``, ``eval``, ``sweep``.
 
 User errors print one line and exit with status 2.
 """
@@ -19,7 +19,6 @@ EPILOG = """examples:
   ccar train out=runs/ce --resume              # continue an interrupted run
   ccar eval runs/ce posthoc_tau=1.0            # re-evaluate on the test set, with post-hoc logit adjustment
   ccar sweep configs/sweeps/fashion-mnist-lt.yaml
-  ccar kernel                                  # build the compiled CPU loss kernel now and say which path is used
 """
 
 
@@ -40,7 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="sweep folder (default: the file's `out`)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default: the file's `jobs`, else 1)")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl")
-    sub.add_parser("kernel", help="build the compiled CPU CCAR kernel (cached); say which CCAR path CPU tensors get")
     return p
 
 
@@ -74,16 +72,9 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _cmd_kernel(args) -> int:
-    from .losses import native
-
-    print(f"ccar CCAR kernel ({native.ENV}={native.mode()}): {native.status()}")
-    return 0
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "kernel": _cmd_kernel}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep}[args.command]
     try:
         return handler(args)
     except CCARError as exc:

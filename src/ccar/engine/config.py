@@ -88,7 +88,7 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; default runs/<dataset>-<loss>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
-    channels_last: bool = False
+    channels_last: str = "auto"  # auto (on for convolutional models on image data), true, false
     compile: bool = False
     deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
     threads: int = 0  # CPU threads (0: torch's default)
@@ -155,7 +155,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `true`/`false`: string keys such as channels_last take them as text
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
@@ -198,6 +200,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ccar.errors.ConfigError: epochs must be an integer >= 1, got -3
     """
     o = cfg.optim
+    _check(cfg.channels_last in ("auto", "true", "false"), "channels_last", "auto, true or false", cfg.channels_last)
     _check(cfg.epochs >= 1, "epochs", "an integer >= 1", cfg.epochs)
     _check(0 <= cfg.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", cfg.seed)
     _check(cfg.imbalance is None or cfg.imbalance >= 1, "imbalance", "a number >= 1 (n_max / n_min)", cfg.imbalance)

@@ -13,7 +13,8 @@ from ..report.tables import metrics_table
 from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
-from .train import amp_dtype, dataset_from_config, eval_logit_scale, evaluate_split, make_loaders, model_from_config, resolve_device
+from .train import (amp_dtype, dataset_from_config, eval_logit_scale, evaluate_split, make_loaders, model_from_config,
+                    resolve_device, use_channels_last)
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
@@ -28,7 +29,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
     model = model_from_config(cfg, data).to(device)
     model.load_state_dict(ckpt.load_weights(weights))
     _, eval_batches = make_loaders(data, cfg, device, DistContext())
-    prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731
+    prepare = lambda x: normalize(x, data.augment, use_channels_last(cfg, data))  # noqa: E731
     metrics = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, DistContext(),
                              amp_dtype(cfg.amp, device), cfg.posthoc_tau, eval_logit_scale(cfg))
     suffix = f"-posthoc{cfg.posthoc_tau:g}" if cfg.posthoc_tau else ""

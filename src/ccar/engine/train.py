@@ -75,6 +75,14 @@ def dataset_from_config(cfg: TrainConfig) -> LongTailData:
                          n_max=cfg.n_max)
 
 
+def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
+    """``channels_last=auto``: the channels-last memory layout for convolutional models on images (CPU and CUDA),
+    where it measured 1.3-1.6x faster end to end on this project's CPU (docs/benchmarks.md); never for tables."""
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "true"
+    return len(data.input_shape) == 3 and cfg.model.name != "mlp"
+
+
 def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
     if cfg.model.head not in ("auto", "linear", "cosine"):
@@ -193,7 +201,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             raise TrainingError(f"rank {ctx.rank}: class counts differ between processes; check data_root on every node")
     model = model_from_config(cfg, data).to(device)
     cosine = isinstance(getattr(model, "fc", None), NormedLinear)
-    if cfg.channels_last:
+    channels_last = use_channels_last(cfg, data)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss.name, counts, **cfg.loss.options()).to(device)
     loss_fn.validate = False  # labels were range-checked when the data was loaded: no host sync per step
@@ -204,7 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         save_config(cfg, run_dir / "config.yaml")
     dtype = amp_dtype(cfg.amp, device)
     train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
-    prepare = lambda x: normalize(x, data.augment, cfg.channels_last)  # noqa: E731
+    prepare = lambda x: normalize(x, data.augment, channels_last)  # noqa: E731
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     step_fn = torch.compile(net) if cfg.compile else net
 
@@ -213,12 +222,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
         best_state = ckpt.load_into(model, optimizer, tensors, opt_meta)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
-    # Which code computes CCAR here: the paths agree up to float rounding, so bit-identical reruns need the same one.
-    implementation = loss_fn.implementation(device) if hasattr(loss_fn, "implementation") else None
     if ctx.is_main:
-        path = f" [{implementation}]" if implementation else ""
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}), "
-            f"loss {loss_fn!r}{path}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
+            f"loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
         with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
     tb = _tensorboard(run_dir) if ctx.is_main else None
@@ -300,8 +306,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     bar.close()
     if tb is not None:
         tb.close()
-    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log,
-                  loss_implementation=implementation)
+    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -352,8 +357,7 @@ def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dt
     return classification_metrics(logits, targets, counts)
 
 
-def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log,
-           loss_implementation: Optional[str] = None) -> Dict[str, object]:
+def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
     last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -378,8 +382,6 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         "best": results["best"],
         "last": results["last"],
     }
-    if loss_implementation:
-        metrics["loss_implementation"] = loss_implementation
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         ckpt.save_weights(run_dir / "best.safetensors", best_state or last_state)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LossError
-from . import native
 from .stats import (
     CountsLike,
     as_counts,
@@ -296,20 +295,32 @@ def ccar_tables(counts: torch.Tensor, frequency: str = "sum", power_base: float 
     return CCARTables(strength * torch.log(torch.stack([power_base - freq, power_base - 1.0 + freq])))
 
 
+def _is_vmapped(tensor: torch.Tensor) -> bool:
+    """True inside a torch.func transform (vmap, grad): in-place scatter has no vmap batching rule there."""
+    if torch.compiler.is_compiling():  # traced graphs are functionalised anyway
+        return False
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(wrapped and wrapped(tensor))
+
+
 class _FusedCCAR(torch.autograd.Function):
-    """Omega * w_y * focal/CE on adjusted logits z, with a hand-written backward: the pure-PyTorch path (GPUs, and
-    CPUs without the compiled kernel of :mod:`ccar.losses.native`, which computes the same thing in C++).
+    """Omega * w_y * focal/CE on adjusted logits z as one autograd node with a hand-written backward.
 
     Every per-sample loss is a function h(s) of s = log p_t alone, and ds/dz = onehot - softmax(z), so the gradient
-    is h'(s) * (onehot - softmax): CE's own gradient scaled per sample. Saving log_softmax and doing one exp in
-    backward costs about what cross-entropy costs on large batches; on small ones Python's per-call cost dominates.
+    is h'(s) * (onehot - softmax): cross-entropy's own gradient scaled per sample. The forward saves log_softmax and
+    the per-sample factor h'(s); the backward is log_softmax's own (as in cross-entropy's backward).
+
+    Written in the ``setup_context`` style with ``generate_vmap_rule = True``: ``torch.compile(fullgraph=True)``
+    traces through it without a graph break, and ``torch.func.vmap`` / ``functional_call`` over a stack of models
+    (many small runs trained as one program) batch it like any other op.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z, targets, weight_y, log_explore_y, log_consolidate_y, omega, gamma, detach, reduction):
-        log_probs = torch.log_softmax(z, dim=1)
-        index = targets.unsqueeze(1)
-        s = log_probs.gather(1, index).squeeze(1)
+    def forward(z, targets, weight_y, log_explore_y, log_consolidate_y, omega, gamma, detach, reduction):
+        log_probs = torch.log_softmax(z, dim=-1)
+        s = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         p = s.exp()
         log_b = torch.where(p < omega, log_explore_y, log_consolidate_y)
         weight = torch.exp((omega - p) * log_b)  # Omega^strength
@@ -326,47 +337,37 @@ class _FusedCCAR(torch.autograd.Function):
         loss = weight * g
         # dOmega/ds = -log_b * Omega * p, so d(Omega g)/ds = Omega (g' - log_b p g).
         dloss_ds = weight * g_prime if detach else weight * (g_prime - log_b * p * g)
-        ctx.save_for_backward(log_probs, index, dloss_ds)
-        ctx.reduction = reduction
-        return _reduce(loss, reduction)
+        return _reduce(loss, reduction), log_probs, dloss_ds
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        log_probs, index, dloss_ds = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        targets, reduction = inputs[1], inputs[8]
+        _, log_probs, dloss_ds = output
+        ctx.save_for_backward(log_probs, targets, dloss_ds)
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(log_probs, dloss_ds)
+        ctx.set_materialize_grads(False)  # no zero-filled (batch, classes) gradient for the unused outputs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_log_probs, _grad_dloss_ds):
+        log_probs, targets, dloss_ds = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None, None
+        k = dloss_ds * grad_out
         if ctx.reduction == "mean":
-            k = dloss_ds * (grad_out / dloss_ds.numel())
+            k = k / dloss_ds.shape[-1]
+        # d loss / d log_probs is k at the targets and 0 elsewhere; log_softmax's own backward turns it into
+        # k * (onehot - softmax(z)) in one fused pass, exactly as cross-entropy's backward does.
+        grad_log_probs = torch.zeros_like(log_probs)
+        if _is_vmapped(log_probs):  # torch.func: vmap batches scatter, not scatter_ (same result)
+            grad_log_probs = grad_log_probs.scatter(-1, targets.unsqueeze(-1), k.unsqueeze(-1))
         else:
-            k = dloss_ds * grad_out
-        grad = log_probs.exp()  # softmax(z); out of place so that retain_graph=True keeps working
-        grad.mul_(-k.unsqueeze(1))
-        grad.scatter_add_(1, index, k.unsqueeze(1))
+            grad_log_probs.scatter_(-1, targets.unsqueeze(-1), k.unsqueeze(-1))
+        grad = torch._log_softmax_backward_data(grad_log_probs, log_probs, -1, log_probs.dtype)
         return grad, None, None, None, None, None, None, None, None
 
 
 NORMALIZE = (None, "batch")
-_REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}  # the kernel's reduction argument
-
-
-def kernel_args(spec: BaseSpec, tables: CCARTables, omega: float, detach_weight: bool, reduction: str) -> tuple:
-    """The compiled kernel's arguments after (logits, targets); :class:`CCARLoss` caches this tuple."""
-    return (tables.log_base, spec.shift, spec.margins, spec.scale, spec.class_weight, float(omega), spec.gamma,
-            bool(detach_weight), _REDUCTION_CODE[reduction])
-
-
-def run_kernel(kernel, logits: torch.Tensor, targets: torch.Tensor, args: tuple) -> torch.Tensor:
-    """CCAR through the compiled CPU kernel (:mod:`ccar.losses.native`).
-
-    The kernel makes every input check of the Python path itself, at no cost; on an error the Python checks run
-    to phrase it as a :class:`LossError`.
-    """
-    try:
-        return kernel.ccar_loss(logits, targets, *args)
-    except (IndexError, ValueError, RuntimeError) as exc:
-        error = exc  # raised below, outside this handler, so that a LossError does not chain onto it
-    check_targets(logits, targets, "ccar")
-    check_num_classes(args[0][0], logits, "ccar")
-    raise error
 
 
 def ccar_from_spec(
@@ -382,14 +383,9 @@ def ccar_from_spec(
 ) -> torch.Tensor:
     """CCAR over a prepared base loss; the modules call this with tables cached on the device.
 
-    On CPU, without batch normalisation, this runs the compiled kernel (:mod:`ccar.losses.native`) when it is
-    available; otherwise the autograd function below. Both compute the same values and gradients (up to float
-    rounding: the operations run in a different order).
+    One code path on every device: the autograd function above, or, for ``normalize="batch"`` (whose weights
+    couple the samples), composed autograd ops.
     """
-    if normalize is None and reduction in _REDUCTION_CODE and logits.is_cpu:
-        kernel = native.kernel()
-        if kernel is not None:
-            return run_kernel(kernel, logits, targets, kernel_args(spec, tables, omega, detach_weight, reduction))
     _check_reduction(reduction)
     if normalize not in NORMALIZE:
         raise LossError(f"ccar: normalize must be None or 'batch', got {normalize!r}")
@@ -397,16 +393,14 @@ def ccar_from_spec(
         check_targets(logits, targets, "ccar")
         check_num_classes(tables.log_explore, logits, "ccar")
     z = adjusted_logits(logits, targets, spec)
-    device, dtype = z.device, z.dtype
-    log_explore = tables.log_explore.to(device, dtype)[targets]
-    log_consolidate = tables.log_consolidate.to(device, dtype)[targets]
-    weight_y = None if spec.class_weight is None else spec.class_weight.to(device, dtype)[targets]
+    log_explore, log_consolidate = tables.log_base.to(z.device, z.dtype)[:, targets]  # one gather for both rows
+    weight_y = None if spec.class_weight is None else spec.class_weight.to(z.device, z.dtype)[targets]
     omega = float(omega)
     if normalize is None:
-        return _FusedCCAR.apply(
+        loss, _, _ = _FusedCCAR.apply(
             z, targets, weight_y, log_explore, log_consolidate, omega, spec.gamma, bool(detach_weight), reduction
         )
-    # Batch-normalised weights couple the samples; this path composes autograd ops instead of the fused kernel.
+        return loss
     log_pt = torch.log_softmax(z, dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
     p_t = log_pt.exp()
     weight = torch.exp((omega - p_t) * torch.where(p_t < omega, log_explore, log_consolidate))

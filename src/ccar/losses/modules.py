@@ -11,7 +11,6 @@ from torch import nn
 
 from ..errors import LossError
 from . import functional as LF
-from . import native
 from .stats import CountsLike, as_counts, class_balanced_weights
 
 
@@ -60,7 +59,7 @@ class LongTailLoss(nn.Module):
         self.register_buffer("drw_weight", _f32(drw_weight), persistent=False)
         self.num_classes = None if counts is None else len(counts)
         self.epoch = 0
-        self._cache: dict = {}  # per DRW state: the BaseSpec (and CCAR's kernel arguments) over the current buffers
+        self._cache: dict = {}  # per DRW state: the BaseSpec over the current buffers
         # Range-check the targets on every call (one host sync); trainers that validated labels at load time
         # can switch it off.
         self.validate = True
@@ -143,29 +142,11 @@ class CCARLoss(LongTailLoss):
         self.detach_weight, self.normalize, self.frequency, self.strength = bool(detach_weight), normalize, frequency, strength
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.normalize is None and logits.is_cpu:
-            kernel = native.kernel()
-            if kernel is not None:  # the compiled kernel, with its arguments cached per DRW state
-                key = ("kernel", self.drw_active)
-                args = self._cache.get(key)
-                if args is None:
-                    args = self._cache[key] = LF.kernel_args(
-                        self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight, self.reduction
-                    )
-                return LF.run_kernel(kernel, logits, targets, args)
         self._check_classes(logits)
         return LF.ccar_from_spec(
             logits, targets, self.spec(), LF.CCARTables(self.log_base), self.omega, self.detach_weight,
             self.normalize, self.reduction, check=self.validate,
         )
-
-    def implementation(self, device: torch.device | str = "cpu") -> str:
-        """Which code computes this loss for tensors on ``device`` (the paths agree up to float rounding)."""
-        if self.normalize is not None:
-            return "composed autograd ops (batch-normalised weights)"
-        if torch.device(device).type == "cpu" and native.kernel() is not None:
-            return "compiled CPU kernel"
-        return "PyTorch autograd function"
 
     def weight(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Omega per sample for these logits (no gradient); handy for plots and diagnostics."""
