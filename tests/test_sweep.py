@@ -98,3 +98,21 @@ def test_report_statistics_on_known_inputs():
     assert paired_delta([run(0, 50.1), run(1, 51.9), run(2, 54.2)], base)["verdict"] == "within seed noise"
     table = summary_table({"A": base, "B": better}, ["A", "B"])
     assert "| B | 3 | **57.2 ± 2.0** |" in table and "| A | 3 | 52.0 ± 2.0 |" in table
+
+
+def test_two_stage_methods_run_both_stages_as_one_cell(tmp_path, digits):
+    path = sweep_file(tmp_path, digits, seeds=[0], methods={
+        "CE": {"loss.name": "ce"},
+        "cRT": {"loss.name": "ce", "stage2": {"method": "crt", "epochs": 1}},
+        "tau-norm": {"loss.name": "ce", "tau_norm": "auto"},
+        "CB-RS": {"loss.name": "ce", "sampler": "class-balanced"},
+    }, report={"baselines": {}})
+    run_sweep(str(path), log=lambda *_: None)
+    rows = {r["method"]: r for r in read_results(tmp_path / "sweep" / "results.jsonl")}
+    assert set(rows) == {"CE", "cRT", "tau-norm", "CB-RS"}
+    crt = rows["cRT"]
+    assert crt["config"]["retrain"] == "crt" and crt["config"]["parent"].endswith("cRT/seed=0")
+    assert "stage1_top1" in crt and crt["config"]["sampler"] == "class-balanced"
+    assert rows["CB-RS"]["config"]["sampler"] == "class-balanced"
+    with pytest.raises(ConfigError, match="stage2 must be a mapping with method"):
+        expand({"methods": {"X": {"stage2": {"epochs": 1}}}})

@@ -1,4 +1,4 @@
-"""The ``ccar`` command: ``train``, ``eval``, ``sweep``.
+"""The ``ccar`` command: ``train``, ``eval``, ``retrain``, ``sweep``.
 
 User errors print one line and exit with status 2.
 """
@@ -18,6 +18,8 @@ EPILOG = """examples:
   ccar train --config configs/cifar100-lt.yaml data_root=~/data loss.base=ldam loss.drw_epoch=160
   ccar train out=runs/ce --resume              # continue an interrupted run
   ccar eval runs/ce posthoc_tau=1.0            # re-evaluate on the test set, with post-hoc logit adjustment
+  ccar retrain runs/ce method=crt               # two-stage decoupling: re-train the classifier (crt, lws, ft)
+  ccar eval runs/ce tau_norm=auto              # tau-normalised classifier, tau chosen on the validation split
   ccar sweep configs/sweeps/fashion-mnist-lt.yaml
 """
 
@@ -34,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation (default) or last epoch")
     e.add_argument("overrides", nargs="*", metavar="key=value")
+    r = sub.add_parser("retrain", help="re-train a finished run's classifier (cRT, LWS or fine-tuning) as a new run")
+    r.add_argument("run_dir")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted re-training run")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="method=crt|lws|ft (required), epochs=10, ...")
     s = sub.add_parser("sweep", help="run a grid of runs and write a report with mean ± std over seeds")
     s.add_argument("sweep_file")
     s.add_argument("--out", help="sweep folder (default: the file's `out`)")
@@ -51,6 +57,17 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg, resume=args.resume)
+    finally:
+        shutdown()
+    return 0
+
+
+def _cmd_retrain(args) -> int:
+    from .engine.distributed import shutdown
+    from .engine.retrain import retrain
+
+    try:
+        retrain(Path(args.run_dir), args.overrides, resume=args.resume)
     finally:
         shutdown()
     return 0
@@ -74,7 +91,7 @@ def _cmd_sweep(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "retrain": _cmd_retrain, "sweep": _cmd_sweep}[args.command]
     try:
         return handler(args)
     except CCARError as exc:

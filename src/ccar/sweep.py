@@ -10,6 +10,7 @@ A sweep file (YAML)::
     methods:                                          # name -> overrides
       CE: {loss.name: ce}
       CCAR-LA: {loss.name: ccar, loss.base: la}
+      CE+cRT: {loss.name: ce, stage2: {method: crt, epochs: 10}}   # two stages as one cell (`ccar retrain`)
     studies:                                          # extra grids for some methods (e.g. an omega sweep)
       - {methods: [CCAR-LA], grid: {loss.omega: [0.5, 0.9], imbalance: [100]}}
     report: {per_class: [CE, CCAR-LA], omega: [CCAR-LA], baselines: {CCAR-LA: LA}}
@@ -43,6 +44,7 @@ class Cell:
     values: Dict[str, Any]  # grid values
     seed: int
     overrides: List[str]
+    stage2: Optional[List[str]] = None  # `ccar retrain` overrides (method=crt|lws, ...) for two-stage methods
 
     @property
     def key(self) -> str:
@@ -84,7 +86,14 @@ def load_sweep(path: str) -> Dict[str, Any]:
 def expand(spec: Dict[str, Any]) -> List[Cell]:
     """Every (method, grid values, seed) cell of the sweep, main grid first, then the studies; no duplicates."""
     base = [_as_override(k, v) for k, v in _flatten("", spec.get("base") or {}).items()]
-    methods = {name: [_as_override(k, v) for k, v in _flatten("", over or {}).items()] for name, over in spec["methods"].items()}
+    methods, stage2 = {}, {}
+    for name, over in spec["methods"].items():
+        over = dict(over or {})
+        second = over.pop("stage2", None)
+        if second is not None and (not isinstance(second, dict) or second.get("method") not in ("crt", "lws", "ft")):
+            raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: crt, lws or ft")
+        methods[name] = [_as_override(k, v) for k, v in _flatten("", over).items()]
+        stage2[name] = None if second is None else [_as_override(k, v) for k, v in _flatten("", second).items()]
     seeds = spec.get("seeds") or [0]
     blocks = [(list(methods), spec.get("grid") or {})]
     for study in spec.get("studies") or []:
@@ -101,7 +110,7 @@ def expand(spec: Dict[str, Any]) -> List[Cell]:
             for name in names:
                 for seed in seeds:
                     over = base + methods[name] + [_as_override(k, v) for k, v in values.items()] + [f"seed={seed}"]
-                    cell = Cell(name, values, int(seed), over)
+                    cell = Cell(name, values, int(seed), over, stage2[name])
                     if cell.key not in seen:
                         seen.add(cell.key)
                         cells.append(cell)
@@ -117,12 +126,25 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
     apply_overrides(cfg, [f"out={run_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
     resume = (Path(run_dir) / "checkpoint.safetensors").exists()
     started = time.perf_counter()
-    metrics = train(cfg, resume=resume, log=lambda *_: None)
+    if resume and (Path(run_dir) / "metrics.json").exists():  # finished (e.g. a first stage before a crash)
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    else:
+        metrics = train(cfg, resume=resume, log=lambda *_: None)
+    first = None
+    if cell.stage2 is not None:  # the second stage (classifier re-training) of the parent just trained
+        from .engine.retrain import retrain_config
+
+        first = metrics["top1"]
+        method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
+        out2 = f"{run_dir}-{method}"
+        cfg = retrain_config(Path(run_dir), cell.stage2 + [f"out={out2}", "progress=false"]
+                             + ([f"threads={threads}"] if threads else []))
+        metrics = train(cfg, resume=(Path(out2) / "checkpoint.safetensors").exists(), log=lambda *_: None)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts")
     return {"key": cell.key, "method": cell.method, "values": cell.values, "seed": cell.seed,
             "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep}, "last": {k: metrics["last"][k] for k in ("top1", "groups", "many", "medium", "few")},
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, **({"stage1_top1": first} if first is not None else {})}
 
 
 def read_results(path: Path) -> List[Dict[str, Any]]:

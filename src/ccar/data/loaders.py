@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .datasets import Augment, ImageFiles
+from .sampling import ClassSampler, EpochSampler, shard
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -60,9 +61,9 @@ def _stats_on(mean: tuple, std: tuple, device: torch.device, shape: tuple) -> Tu
 
 
 class DeviceLoader:
-    """Shuffled mini-batches of device-resident tensors with batched augmentation; deterministic given the seed.
-
-    ``indices`` restricts it to a shard (distributed training); ``set_epoch`` reseeds the shuffle per epoch.
+    """Shuffled (or re-sampled) mini-batches of device-resident tensors with batched augmentation; deterministic
+    given the seed. ``rank``/``world_size`` take one stride of the epoch's global sequence (distributed training);
+    ``set_epoch`` moves to the next epoch's sequence. ``sampler``: see :mod:`ccar.data.sampling`.
     """
 
     def __init__(
@@ -77,9 +78,13 @@ class DeviceLoader:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        sampler: str = "instance",
+        sampler_epoch: int = 0,
+        epochs: int = 1,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.sequence = ClassSampler(targets, sampler, sampler_epoch, epochs, seed, shuffle)
         self.images = images.to(device)
         self.targets = targets.to(device)
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
@@ -91,16 +96,7 @@ class DeviceLoader:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
-        n = len(self.targets)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:  # like DistributedSampler: pad to a multiple of the world size, then stride
-            total = math.ceil(n / self.world_size) * self.world_size
-            order = torch.cat([order, order[: total - n]])[self.rank :: self.world_size]
-        return order
+        return shard(self.sequence.indices(self.epoch), self.rank, self.world_size)
 
     def __len__(self) -> int:
         n = math.ceil(len(self.targets) / self.world_size)
@@ -174,15 +170,16 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
 
 def file_loader(files: ImageFiles, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
-                rank: int = 0, world_size: int = 1, size: int = 224):
-    """A DataLoader over :class:`ImageFileDataset` (DistributedSampler under data parallelism)."""
+                rank: int = 0, world_size: int = 1, size: int = 224, sampler: str = "instance",
+                sampler_epoch: int = 0, epochs: int = 1):
+    """A DataLoader over :class:`ImageFileDataset`; training order (shuffled or re-sampled, one stride per rank
+    under data parallelism) from :class:`ccar.data.sampling.EpochSampler`, the same sequence as the device path."""
     dataset = ImageFileDataset(files, train, size, seed)
-    sampler = None
-    if world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed)
+    sequence = ClassSampler(torch.from_numpy(np.asarray(files.targets)), sampler, sampler_epoch, epochs, seed, train)
+    order = EpochSampler(sequence, rank, world_size)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+        dataset, batch_size=batch_size, sampler=order,
         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False, generator=g,
         persistent_workers=workers > 0,
     )

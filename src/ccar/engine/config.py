@@ -73,6 +73,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine, multistep, constant
     milestones: List[int] = field(default_factory=lambda: [160, 180])
     decay: float = 0.01  # multistep factor per milestone
+    max_norm: Optional[float] = None  # MaxNorm (weight balancing): classifier rows projected to norm <= this per step
 
 
 @dataclass
@@ -96,6 +97,12 @@ class TrainConfig:
     workers: int = 4  # DataLoader workers for file-backed datasets
     image_size: int = 224  # file-backed datasets
     posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation
+    tau_norm: Optional[str] = None  # post-hoc tau-normalisation of the classifier: a number, or auto (chosen on val)
+    sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
+    sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
+    sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch instead of each process's
+    retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws or ft (classifier re-training of a parent run)
+    parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
     checkpoint_every: int = 1  # epochs
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
@@ -202,6 +209,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     o = cfg.optim
     _check(cfg.channels_last in ("auto", "true", "false"), "channels_last", "auto, true or false", cfg.channels_last)
     _check(cfg.epochs >= 1, "epochs", "an integer >= 1", cfg.epochs)
+    from ..data.sampling import SAMPLERS
+
+    _check(cfg.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", cfg.sampler)
+    _check(0 <= cfg.sampler_epoch < cfg.epochs, "sampler_epoch", f"an epoch in 0..{cfg.epochs - 1}", cfg.sampler_epoch)
+    _check(o.max_norm is None or o.max_norm > 0, "optim.max_norm", "a number > 0", o.max_norm)
+    _check(cfg.retrain in (None, "crt", "lws", "ft"), "retrain", "crt, lws or ft (use `ccar retrain RUN_DIR method=...`)",
+           cfg.retrain)
+    if cfg.tau_norm is not None and cfg.tau_norm != "auto":
+        try:
+            tau = float(cfg.tau_norm)
+        except ValueError:
+            tau = float("nan")
+        _check(math.isfinite(tau) and tau >= 0, "tau_norm", "a number >= 0 or auto", cfg.tau_norm)
     _check(0 <= cfg.seed <= MAX_SEED, "seed", f"an integer in 0..{MAX_SEED}", cfg.seed)
     _check(cfg.imbalance is None or cfg.imbalance >= 1, "imbalance", "a number >= 1 (n_max / n_min)", cfg.imbalance)
     _check(cfg.n_max is None or cfg.n_max >= 1, "n_max", "an integer >= 1 (images of the largest class)", cfg.n_max)

@@ -19,7 +19,10 @@ from ..losses import build_loss, posthoc_logit_adjustment
 from ..models import NormedLinear, build_model
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
+from .decoupling import (TauNorm, choose_tau, freeze_batchnorm, prepare_retrain, project_max_norm, resolve_tau_norm,
+                         wrap_lws)
 from .distributed import DistContext, init_distributed
+from .sync_bn import convert_sync_batchnorm
 from .evaluate import classification_metrics, predict
 
 
@@ -88,8 +91,9 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     if cfg.model.head not in ("auto", "linear", "cosine"):
         raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
-    return build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
-                       depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
+                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
+    return wrap_lws(model, data.num_classes) if cfg.retrain == "lws" else model
 
 
 def eval_logit_scale(cfg: TrainConfig) -> float:
@@ -99,9 +103,11 @@ def eval_logit_scale(cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and bias parameters (standard for the CIFAR-LT recipes' ResNets too).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # No weight decay on BatchNorm and bias parameters (standard for the CIFAR-LT recipes' ResNets too); frozen
+    # parameters (classifier re-training) are left out.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
@@ -141,13 +147,15 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
                 )
         # torch.compile wants static shapes: drop the last partial batch instead of recompiling for it.
         train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, drop_last=cfg.compile, seed=cfg.seed,
-                             device=storage, rank=ctx.rank, world_size=ctx.world_size)
+                             device=storage, rank=ctx.rank, world_size=ctx.world_size, sampler=cfg.sampler,
+                             sampler_epoch=cfg.sampler_epoch, epochs=cfg.epochs)
 
         def eval_batches(split):
             return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=storage,
                                 rank=ctx.rank, world_size=ctx.world_size)
     else:
-        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
+        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size,
+                            cfg.sampler, cfg.sampler_epoch, cfg.epochs)
 
         def eval_batches(split):
             return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
@@ -200,6 +208,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         if not torch.equal(total, mine * ctx.world_size):
             raise TrainingError(f"rank {ctx.rank}: class counts differ between processes; check data_root on every node")
     model = model_from_config(cfg, data).to(device)
+    if cfg.retrain:  # second stage: the parent's best model, all but the classifier frozen
+        prepare_retrain(model, cfg.retrain, ckpt.load_weights(Path(cfg.parent) / "best.safetensors"))
+    if cfg.sync_bn and ctx.enabled:
+        model = convert_sync_batchnorm(model, device).to(device)
     cosine = isinstance(getattr(model, "fc", None), NormedLinear)
     channels_last = use_channels_last(cfg, data)
     if channels_last:
@@ -240,6 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         loss_fn.set_epoch(epoch)
         _set_epoch(train_loader, epoch)
         net.train()
+        if cfg.retrain:
+            freeze_batchnorm(model)  # the backbone's statistics stay the first stage's
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
         checked = 0  # steps before this one are known to have finite losses
@@ -261,6 +275,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if cfg.optim.max_norm:
+                project_max_norm(model, cfg.optim.max_norm)
             with torch.no_grad():
                 totals[0] += loss.detach().double() * len(y)
                 totals[1] += (logits.argmax(1) == y).sum()
@@ -357,6 +373,32 @@ def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dt
     return classification_metrics(logits, targets, counts)
 
 
+def split_size(split) -> int:
+    return len(split[1]) if isinstance(split, tuple) else len(split)
+
+
+def test_metrics(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
+    """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
+    tau-normalisation (``tau_norm``; ``auto`` chooses tau on the validation split, never on the test split)."""
+    def evaluate(split):
+        return evaluate_split(model, eval_batches(split), prepare, device, data.class_counts, ctx, dtype,
+                              cfg.posthoc_tau, eval_logit_scale(cfg))
+
+    tau = resolve_tau_norm(cfg.tau_norm)
+    if tau is None:
+        return evaluate(data.test)
+    if tau == "auto":
+        if not split_size(data.val):
+            raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
+        tau, scores = choose_tau(model, lambda: evaluate(data.val))
+    with TauNorm(model, tau):
+        metrics = evaluate(data.test)
+    metrics["tau_norm"] = tau
+    if cfg.tau_norm == "auto":
+        metrics["tau_norm_val_balanced"] = {str(t): v for t, v in scores.items()}
+    return metrics
+
+
 def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
@@ -364,8 +406,7 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
     results = {}
     for which, state in (("last", last_state), ("best", best_state or last_state)):
         model.load_state_dict(state)
-        results[which] = evaluate_split(model, eval_batches(data.test), prepare, device, data.class_counts, ctx,
-                                        dtype, cfg.posthoc_tau, eval_logit_scale(cfg))
+        results[which] = test_metrics(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
     if best_state is None:  # no validation split
         best_epoch = len(history)
     else:
@@ -382,6 +423,10 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         "best": results["best"],
         "last": results["last"],
     }
+    if "tau_norm" in results["best"]:
+        metrics["tau_norm"] = results["best"]["tau_norm"]
+    if cfg.parent:
+        metrics["parent"] = cfg.parent
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         ckpt.save_weights(run_dir / "best.safetensors", best_state or last_state)

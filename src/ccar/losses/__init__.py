@@ -11,6 +11,7 @@ from .functional import (
     logit_adjusted_loss,
     omega_weight,
     posthoc_logit_adjustment,
+    vs_loss,
 )
 from .modules import CCARLoss, LongTailLoss
 from .registry import LOSS_NAMES, build_loss
@@ -33,4 +34,5 @@ __all__ = [
     "logit_adjusted_loss",
     "omega_weight",
     "posthoc_logit_adjustment",
+    "vs_loss",
 ]

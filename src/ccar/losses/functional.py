@@ -30,7 +30,7 @@ from .stats import (
 )
 
 REDUCTIONS = ("mean", "sum", "none")
-BASES = ("ce", "focal", "cb", "cb-focal", "ldam", "la", "bs")
+BASES = ("ce", "focal", "cb", "cb-focal", "ldam", "la", "bs", "vs")
 # Options each base accepts, with defaults (method.md section 2).
 BASE_OPTIONS = {
     "ce": {},
@@ -40,8 +40,9 @@ BASE_OPTIONS = {
     "ldam": {"max_margin": 0.5, "scale": 30.0},
     "la": {"tau": 1.0},
     "bs": {},
+    "vs": {"gamma": 0.2, "tau": 1.5},
 }
-_NEEDS_POSITIVE = {"cb", "cb-focal", "ldam", "la", "bs"}
+_NEEDS_POSITIVE = {"cb", "cb-focal", "ldam", "la", "bs", "vs"}
 _TINY = 1e-30
 
 
@@ -50,7 +51,8 @@ class BaseSpec:
     """Per-class description of a base loss (CPU tensors; modules keep them as buffers on the device)."""
 
     name: str
-    shift: Optional[torch.Tensor] = None  # added to the logits (LA: tau*log(prior), BS: log(n))
+    shift: Optional[torch.Tensor] = None  # added to the logits (LA: tau*log(prior), BS: log(n), VS: tau*log(prior))
+    class_scale: Optional[torch.Tensor] = None  # multiplies the logits first (VS: (n_c / n_max)^gamma)
     margins: Optional[torch.Tensor] = None  # LDAM: subtracted from the true-class logit, then scaled
     scale: float = 1.0
     class_weight: Optional[torch.Tensor] = None  # class-balanced / DRW weight w_y
@@ -96,6 +98,12 @@ def make_base_spec(name: str, class_counts: Optional[CountsLike] = None, **optio
         spec.shift = _float(opts["tau"], "tau", name) * torch.log(counts / counts.sum())
     elif name == "bs":
         spec.shift = torch.log(counts)
+    elif name == "vs":
+        gamma = _float(opts["gamma"], "gamma", name)
+        if gamma < 0:
+            raise LossError(f"vs: gamma must be >= 0, got {gamma}")
+        spec.class_scale = (counts / counts.max()) ** gamma
+        spec.shift = _float(opts["tau"], "tau", name) * torch.log(counts / counts.sum())
     if spec.gamma < 0:
         raise LossError(f"{name}: gamma must be >= 0, got {spec.gamma}")
     return spec
@@ -106,8 +114,10 @@ def _to_float(logits: torch.Tensor) -> torch.Tensor:
 
 
 def adjusted_logits(logits: torch.Tensor, targets: torch.Tensor, spec: BaseSpec) -> torch.Tensor:
-    """The logits z the base loss feeds to its softmax (float32): LA/BS shift, LDAM margin and scale."""
+    """The logits z the base loss feeds to its softmax (float32): VS scale, LA/BS/VS shift, LDAM margin and scale."""
     z = _to_float(logits)
+    if spec.class_scale is not None:
+        z = z * spec.class_scale.to(z.device, z.dtype)
     if spec.shift is not None:
         z = z + spec.shift.to(z.device, z.dtype)
     if spec.margins is not None:
@@ -147,7 +157,7 @@ def base_loss(
     _check_reduction(reduction)
     if check:
         check_targets(logits, targets, spec.name)
-        for table in (spec.shift, spec.margins, spec.class_weight):
+        for table in (spec.class_scale, spec.shift, spec.margins, spec.class_weight):
             if table is not None:
                 check_num_classes(table, logits, spec.name)
     z = adjusted_logits(logits, targets, spec)
@@ -240,6 +250,21 @@ def balanced_softmax_loss(
     True
     """
     return base_loss(logits, targets, make_base_spec("bs", class_counts), reduction)
+
+
+def vs_loss(
+    logits: torch.Tensor, targets: torch.Tensor, class_counts: CountsLike, gamma: float = 0.2, tau: float = 1.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Vector-scaling loss (Kini et al. 2021): CE on z_c * (n_c / n_max)^gamma + tau * log(prior_c).
+
+    gamma = 0 is the logit-adjusted loss with ``tau``; the defaults are the paper's CIFAR setting.
+
+    >>> x, y = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    >>> torch.allclose(vs_loss(x, y, [90, 10], gamma=0.0, tau=1.0), logit_adjusted_loss(x, y, [90, 10]))
+    True
+    """
+    return base_loss(logits, targets, make_base_spec("vs", class_counts, gamma=gamma, tau=tau), reduction)
 
 
 def posthoc_logit_adjustment(logits: torch.Tensor, class_counts: CountsLike, tau: float = 1.0) -> torch.Tensor:

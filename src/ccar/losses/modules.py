@@ -19,7 +19,7 @@ def _f32(table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 class LongTailLoss(nn.Module):
-    """A base loss (``ce``, ``focal``, ``cb``, ``cb-focal``, ``ldam``, ``la``, ``bs``) as a module.
+    """A base loss (``ce``, ``focal``, ``cb``, ``cb-focal``, ``ldam``, ``la``, ``bs``, ``vs``) as a module.
 
     ``drw_epoch``: deferred re-weighting (Cao et al. 2019). From that epoch on, samples are weighted by the
     class-balanced weights with ``drw_beta``. Call :meth:`set_epoch` at the start of every epoch.
@@ -45,6 +45,7 @@ class LongTailLoss(nn.Module):
         self.name, self.reduction, self.options = name, reduction, dict(options)
         self.scale, self.gamma = spec.scale, spec.gamma
         # Tables are computed in float64 and kept in float32 (the dtype of the loss math); .double() upgrades them.
+        self.register_buffer("class_scale", _f32(spec.class_scale), persistent=False)
         self.register_buffer("shift", _f32(spec.shift), persistent=False)
         self.register_buffer("margins", _f32(spec.margins), persistent=False)
         self.register_buffer("class_weight", _f32(spec.class_weight), persistent=False)
@@ -78,7 +79,8 @@ class LongTailLoss(nn.Module):
         spec = self._cache.get(active)
         if spec is None:
             weight = self.drw_weight if active else self.class_weight
-            spec = self._cache[active] = LF.BaseSpec(self.name, self.shift, self.margins, self.scale, weight, self.gamma)
+            spec = self._cache[active] = LF.BaseSpec(self.name, self.shift, self.class_scale, self.margins, self.scale,
+                                                     weight, self.gamma)
         return spec
 
     def _apply(self, fn, *args, **kwargs):

@@ -16,7 +16,7 @@ def build_loss(name: str, class_counts: Optional[CountsLike] = None, **options) 
     """Build loss ``name`` for training-set ``class_counts``; call the result as ``loss_fn(logits, targets)``.
 
     Names: ``ce``, ``focal``, ``cb`` (class-balanced CE; ``form="focal"`` or the name ``cb-focal`` for its focal
-    form), ``ldam``, ``la``, ``bs`` and ``ccar`` (``base=`` one of the others, plus the base's options).
+    form), ``ldam``, ``la``, ``bs``, ``vs`` and ``ccar`` (``base=`` one of the others, plus the base's options).
     Every loss takes ``reduction`` and ``drw_epoch``/``drw_beta``; losses that need the epoch (DRW) are told it
     with ``loss_fn.set_epoch(epoch)``.
 

@@ -1,0 +1,155 @@
+"""Classifier-level methods: two-stage decoupling (cRT, LWS; Kang et al. 2020), tau-normalisation, and MaxNorm for
+weight balancing (Alshammari et al. 2022).
+
+- cRT: the first stage's backbone frozen (BatchNorm statistics too), the classifier re-initialised and trained
+  with class-balanced sampling;
+- LWS: backbone and classifier frozen, one learnable scale per class on the classifier's logits;
+- ft: the classifier kept and fine-tuned (weight balancing's second stage);
+- tau-norm: each classifier row w_c divided by ||w_c||^tau after training; ``tau_norm=auto`` picks tau on the
+  validation split (balanced accuracy over the grid 0, 0.1, ..., 2.0), never on the test split;
+- MaxNorm: after every optimizer step each classifier row is projected to norm <= delta.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
+
+
+class LearnableWeightScaling(nn.Module):
+    """LWS: ``classifier(x) * scale`` with one learnable scale per class (initialised to 1)."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int):
+        super().__init__()
+        self.classifier = classifier
+        self.scale = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x) * self.scale
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The attribute holding the final classifier (ccar's models and torchvision: ``fc``; timm: its own name)."""
+    if hasattr(model, "fc") and isinstance(model.fc, nn.Module):
+        return "fc"
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        for name, module in model.named_modules():
+            if module is head and name:
+                return name
+    raise ConfigError(f"cannot find the classifier of {type(model).__name__} (expected an `fc` layer)")
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    return model.get_submodule(classifier_name(model))
+
+
+def linear_classifier(model: nn.Module, what: str) -> nn.Linear:
+    """The model's classifier as an ``nn.Linear`` (inside an LWS wrapper too); other heads are an error."""
+    head = classifier(model)
+    if isinstance(head, LearnableWeightScaling):
+        head = head.classifier
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"{what} needs a linear classifier; this model's is {type(head).__name__} "
+                          f"(a cosine head already has unit-norm rows)")
+    return head
+
+
+def wrap_lws(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier by :class:`LearnableWeightScaling` around it (the model of an LWS run)."""
+    name = classifier_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, LearnableWeightScaling(getattr(parent, attr), num_classes))
+    return model
+
+
+def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch.Tensor]) -> List[str]:
+    """Load the first stage's weights, freeze all but what ``method`` trains; returns the trainable names."""
+    head_name = classifier_name(model)
+    state = dict(parent_state)
+    if method == "lws":  # the parent's classifier lives inside the wrapper, the scales start at 1
+        state = {(k.replace(head_name + ".", head_name + ".classifier.", 1) if k.startswith(head_name + ".") else k): v
+                 for k, v in state.items()}
+        state[f"{head_name}.scale"] = torch.ones_like(classifier(model).scale)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"the parent run's weights do not fit this model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); retrain with the parent's model settings")
+    head = classifier(model)
+    if method == "crt":
+        for module in head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    for name, p in model.named_parameters():
+        if method in ("crt", "ft"):
+            p.requires_grad_(name.startswith(head_name + "."))
+        else:
+            p.requires_grad_(name == f"{head_name}.scale")
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep every BatchNorm layer in evaluation mode (its running statistics unchanged) while the rest trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+@torch.no_grad()
+def project_max_norm(model: nn.Module, max_norm: float) -> None:
+    """MaxNorm: scale down every classifier row whose L2 norm exceeds ``max_norm``."""
+    head = linear_classifier(model, "optim.max_norm")
+    head.weight.copy_(torch.renorm(head.weight, p=2, dim=0, maxnorm=max_norm))
+
+
+def tau_normalized_weight(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """Rows w_c / ||w_c||^tau; tau = 0 is the identity.
+
+    >>> tau_normalized_weight(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0).norm(dim=1).round(decimals=4).tolist()
+    [1.0, 1.0]
+    """
+    if tau == 0:
+        return weight
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+
+class TauNorm:
+    """Apply tau-normalisation to a model's linear classifier within a ``with`` block (weights restored after)."""
+
+    def __init__(self, model: nn.Module, tau: float):
+        self.head, self.tau = linear_classifier(model, "tau_norm"), float(tau)
+
+    def __enter__(self):
+        self.saved = self.head.weight.detach().clone()
+        with torch.no_grad():
+            self.head.weight.copy_(tau_normalized_weight(self.saved, self.tau))
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.head.weight.copy_(self.saved)
+
+
+def choose_tau(model: nn.Module, evaluate_val: Callable[[], dict], grid: Tuple[float, ...] = TAU_GRID) -> Tuple[float, Dict[float, float]]:
+    """The tau of ``grid`` with the best balanced accuracy that ``evaluate_val`` (the validation split) reports."""
+    scores: Dict[float, float] = {}
+    for tau in grid:
+        with TauNorm(model, tau):
+            scores[tau] = evaluate_val()["balanced"]
+    best = max(grid, key=lambda t: (scores[t], -t))  # ties: the smaller tau
+    return best, scores
+
+
+def resolve_tau_norm(value: Optional[str]) -> Optional[float]:
+    """``tau_norm`` config value -> a float, None (off) or the string ``auto``."""
+    if value is None:
+        return None
+    return "auto" if value == "auto" else float(value)

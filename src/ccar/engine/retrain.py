@@ -1,0 +1,59 @@
+"""``ccar retrain RUN_DIR method=crt|lws``: the second stage of decoupled training (Kang et al. 2020) as a new run.
+
+The parent run's best-on-validation model is loaded, everything but the classifier is frozen (BatchNorm
+statistics too), and the classifier is trained with class-balanced sampling: cRT re-initialises it, LWS keeps it
+and learns one scale per class, ``ft`` keeps it and fine-tunes it (the second stage of weight balancing, usually
+with ``sampler=instance loss.name=cb optim.max_norm=...``). Defaults (each overridable with ``key=value``): 10 epochs, plain cross-entropy,
+``sampler=class-balanced``, no warm-up, cosine schedule, the parent's optimizer otherwise. The result is a run
+folder like any other, whose ``config.yaml`` names its parent (``parent``, ``retrain``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Dict, Sequence
+
+from ..errors import ConfigError
+from .config import LossConfig, apply_overrides, load_config, validate
+
+METHODS = ("crt", "lws", "ft")
+
+
+def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
+    """The second stage's config: the parent's, with the retrain defaults and ``overrides`` (``method=`` among them)."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file() or not (run_dir / "best.safetensors").is_file():
+        raise ConfigError(f"{run_dir} is not a finished ccar run (needs config.yaml and best.safetensors)")
+    method, rest = None, []
+    for item in overrides:
+        if item.startswith("method="):
+            method = item.split("=", 1)[1].strip()
+        else:
+            rest.append(item)
+    if method not in METHODS:
+        raise ConfigError(f"ccar retrain needs method=crt, method=lws or method=ft, got {method!r}")
+    parent = load_config(str(config))
+    if parent.retrain:
+        raise ConfigError(f"{run_dir} is itself a retrained run; retrain its parent {parent.parent} instead")
+    cfg = copy.deepcopy(parent)
+    cosine = parent.model.head == "cosine" or (parent.model.head == "auto" and parent.loss.uses_ldam)
+    cfg.model.head = "cosine" if cosine else "linear"  # the parent's classifier type, whatever the new loss
+    cfg.loss = LossConfig(name="ce", base=None)
+    cfg.epochs, cfg.sampler, cfg.sampler_epoch = 10, "class-balanced", 0
+    cfg.optim.warmup_epochs, cfg.optim.schedule = 0, "cosine"
+    cfg.tau_norm, cfg.posthoc_tau = None, None
+    cfg.out = str(run_dir.parent / f"{run_dir.name}-{method}")
+    cfg.retrain, cfg.parent = method, str(run_dir)
+    apply_overrides(cfg, rest)
+    if cfg.retrain != method or cfg.parent != str(run_dir):
+        raise ConfigError("retrain and parent are set by `ccar retrain`; pass method=crt|lws|ft and the run folder")
+    return validate(cfg)
+
+
+def retrain(run_dir: Path, overrides: Sequence[str] = (), resume: bool = False, log=print) -> Dict[str, object]:
+    """Run the second stage; returns its metrics (as ``train`` does)."""
+    from .train import train
+
+    return train(retrain_config(run_dir, overrides), resume=resume, log=log)
