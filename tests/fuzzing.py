@@ -268,9 +268,44 @@ def _run_inat(path: Path, root: Path):
 
 
 def _run_csv(path: Path, root: Path):
-    from ccar.data.sources import read_csv
+    from ccar.data.tabular import read_csv
 
-    read_csv(path)
+    read_csv(path, impute="mean" if path.stat().st_size % 2 else "none")
+
+
+def _features_seed() -> List[bytes]:
+    buf = io.BytesIO()
+    np.savez(buf, X=np.arange(6, dtype=np.float32).reshape(3, 2), y=np.array([0, 1, 1]))
+    plain = buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, X=np.ones((2, 2)), y=np.array(["a", "b"]))
+    return [plain, buf.getvalue()]
+
+
+def _run_features(path: Path, root: Path):
+    from ccar.data.tabular import read_feature_file
+
+    folder = root / "features"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.npz").write_bytes(path.read_bytes())
+    read_feature_file(folder, "train")
+
+
+def _image_seeds() -> List[bytes]:
+    from PIL import Image
+
+    out = []
+    for fmt in ("PNG", "JPEG", "BMP", "GIF"):
+        buf = io.BytesIO()
+        Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def _run_image(path: Path, root: Path):
+    from ccar.data.folders import decode_image
+
+    decode_image(path, 8)
 
 
 def _run_checkpoint(path: Path, root: Path):
@@ -304,7 +339,10 @@ TARGETS: Dict[str, Tuple[Callable[[], List[bytes]], Callable, Callable]] = {
     "list": (lambda: [b"train/c0/0.jpg 0\ntrain/c1/0.jpg 1\n", b"a/b.jpg 3\n\n../x 1\n"], mutate, _run_list),
     "inat-json": (lambda: [b'{"images":[{"id":0,"file_name":"a.jpg"}],"annotations":[{"image_id":0,"category_id":0}],'
                            b'"categories":[{"id":0,"name":"x"}]}'], mutate, _run_inat),
-    "csv": (lambda: [b"a,b,label\n1,2,x\n3,4,y\n", b"f1;f2\n1e3,2,0\n\"q\",1,1\n"], mutate, _run_csv),
+    "csv": (lambda: [b"a,b,label\n1,2,x\n3,4,y\n", b"f1;f2\n1e3,2,0\n\"q\",1,1\n",
+                     b"size,colour,w,label\n1.5,red,,a\n2,blue,3,b\n,red,1,a\n"], mutate, _run_csv),
+    "features-npz": (_features_seed, mutate, _run_features),
+    "image": (_image_seeds, mutate, _run_image),
     "safetensors": (lambda: [_checkpoint_seed()], mutate, _run_checkpoint),
     "yaml-config": (lambda: _YAML_SEEDS, mutate, _run_yaml),
     "override": (lambda: _OVERRIDE_SEEDS, mutate, _run_override),

@@ -148,14 +148,64 @@ def test_csv_string_labels_and_errors(tmp_path):
     root = make_csv(tmp_path / "c")
     x, y, names = read_csv(root / "train.csv")
     assert names == ["cat", "dog", "emu"] and x.shape == (56, 3) and np.bincount(y).tolist() == [40, 12, 4]
-    (tmp_path / "bad.csv").write_text("a,b,label\n1,2,x\n1,zz,y\n")
-    with pytest.raises(DataError, match="line 3: non-numeric"):
-        read_csv(tmp_path / "bad.csv")
-    (tmp_path / "short.csv").write_text("a,b,label\n1,2\n")
-    with pytest.raises(DataError, match="line 2 has 2 fields"):
+    (tmp_path / "short.csv").write_text("a,b,label\n1,2\n")  # a missing trailing field is a missing value
+    with pytest.raises(DataError, match="column 'label' is empty at line 2|missing value"):
         read_csv(tmp_path / "short.csv")
+    (tmp_path / "ragged.csv").write_text("a,b,label\n1,2,x\n1,2,3,4,5\n")
+    with pytest.raises(DataError, match="ragged.csv is malformed"):
+        read_csv(tmp_path / "ragged.csv")
     with pytest.raises(DataError, match="no column 'nope'"):
         read_csv(root / "train.csv", label_column="nope")
+
+
+def test_csv_categorical_columns_missing_values_and_saved_preprocessing(tmp_path):
+    from ccar.data import TabularPreprocessing
+    from ccar.data.tabular import read_frame
+
+    train_csv = tmp_path / "train.csv"
+    train_csv.write_text("size,colour,weight,label\n1.0,red,3,a\n2.0,blue,,b\n3.0,,5,a\n4.0,red,7,c\n")
+    frame = read_frame(train_csv)
+    with pytest.raises(DataError, match="column 'colour' has a missing value at line 4; fill it in or set csv_impute=mean"):
+        TabularPreprocessing.fit(frame, train_csv).transform(frame, train_csv)
+    prep = TabularPreprocessing.fit(frame, train_csv, impute="mean")
+    assert prep.numeric == ["size", "weight"] and prep.categorical == {"colour": ["blue", "red"]}
+    assert prep.feature_names == ["size", "colour=blue", "colour=red", "weight"]
+    x, y = prep.transform(frame, train_csv)
+    assert x[1].tolist() == [2.0, 1.0, 0.0, 5.0]  # weight imputed with the training mean (3 + 5 + 7) / 3
+    assert x[2].tolist() == [3.0, 0.0, 1.0, 5.0]  # colour imputed with the most frequent category
+    assert y.tolist() == [0, 1, 0, 2]
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("size,colour,weight,label\n5.0,green,1,b\n")  # an unseen category: an all-zero one-hot
+    assert prep.transform(read_frame(test_csv), test_csv)[0].tolist() == [[5.0, 0.0, 0.0, 1.0]]
+    test_csv.write_text("size,colour,weight,label\nbig,red,1,b\n")
+    with pytest.raises(DataError, match="column 'size' line 2: 'big' is not a number"):
+        prep.transform(read_frame(test_csv), test_csv)
+    prep.save(tmp_path / "p.json", [0.0] * 4, [1.0] * 4)
+    again, mean, std = TabularPreprocessing.load(tmp_path / "p.json")
+    assert again == prep and mean == [0.0] * 4
+
+
+def test_features_dataset_from_npz_safetensors_and_npy(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)).astype(np.float32), np.repeat([0, 1, 2], [40, 15, 5])
+    np.savez(tmp_path / "train.npz", X=x, y=y)
+    save_file({"X": x[:9], "y": np.array([0, 1, 2] * 3)}, str(tmp_path / "test.safetensors"))
+    data = build_dataset("features", str(tmp_path), val_fraction=0.2)
+    assert data.kind == "tabular" and data.input_shape == (5,) and data.class_names == ["0", "1", "2"]
+    assert sum(data.class_counts) + len(data.val[1]) == 60 and len(data.test[1]) == 9
+    names = tmp_path / "named"
+    names.mkdir()
+    np.save(names / "train_X.npy", x)
+    np.save(names / "train_y.npy", np.array(["cat", "dog", "emu"])[y])
+    np.save(names / "test_X.npy", x[:3])
+    np.save(names / "test_y.npy", np.array(["emu", "cat", "dog"]))
+    named = build_dataset("features", str(names))
+    assert named.class_names == ["cat", "dog", "emu"] and named.test[1].tolist() == [2, 0, 1]
+    np.save(names / "test_y.npy", np.array([object(), 1], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="cannot read the test file"):  # object arrays are never unpickled
+        build_dataset("features", str(names))
 
 
 def test_list_file_and_inat_json(tmp_path):

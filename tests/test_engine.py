@@ -150,7 +150,7 @@ def test_config_errors_name_the_key():
     ("seed=-1", "seed must be an integer in 0.."),
     ("optim.momentum=1", r"optim.momentum must be a number in \[0, 1\)"),
     ("n_max=0", "n_max must be an integer >= 1"),
-    ("model.hidden=[]", "model.hidden must be a non-empty list"),
+    ("model.hidden=[64, 0]", r"model.hidden must be a list of layer sizes >= 1 \(\[\] is a linear model\)"),
 ])
 def test_out_of_range_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -101,7 +101,10 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(digits, tmp_path):
 def test_nan_in_the_input_is_named_as_bad_data(tmp_path):
     (tmp_path / "train.csv").write_text("a,b,label\n1,2,x\n3,4,y\n1,2,x\n3,4,y\n")
     (tmp_path / "test.csv").write_text("a,b,label\nnan,2,x\n")
-    with pytest.raises(DataError, match="NaN or infinite"):
+    with pytest.raises(DataError, match="test.csv column 'a' has a missing value at line 2"):
+        train(load_config(None, ["dataset=csv", f"data_root={tmp_path}", "model.name=mlp", f"out={tmp_path / 'r'}"]))
+    (tmp_path / "test.csv").write_text("a,b,label\ninf,2,x\n")
+    with pytest.raises(DataError, match="test.csv column 'a' holds NaN or infinite values"):
         train(load_config(None, ["dataset=csv", f"data_root={tmp_path}", "model.name=mlp", f"out={tmp_path / 'r'}"]))
 
 

@@ -1,4 +1,4 @@
-"""The ``ccar`` command: ``train``, ``eval``, ``retrain``, ``sweep``.
+"""The ``ccar`` command: ``train``, ``eval``, ``retrain``, ``predict``, ``download``, ``sweep``.
 
 User errors print one line and exit with status 2.
 """
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CCARError
+from .errors import CCARError, ConfigError
 
 EPILOG = """examples:
   ccar train                                   # the default job: CCAR over LA on Fashion-MNIST-LT (IF 100)
@@ -21,6 +21,9 @@ EPILOG = """examples:
   ccar retrain runs/ce method=crt               # two-stage decoupling: re-train the classifier (crt, lws, ft)
   ccar eval runs/ce tau_norm=auto              # tau-normalised classifier, tau chosen on the validation split
   ccar sweep configs/sweeps/fashion-mnist-lt.yaml
+  ccar train dataset=folder data_root=~/photos image_size=64   # your own class folders
+  ccar predict runs/photos new/*.jpg --top-k 3 --out predictions.csv
+  ccar download cifar100 --root data/cifar100
 """
 
 
@@ -40,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--resume", action="store_true", help="continue an interrupted re-training run")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="method=crt|lws|ft (required), epochs=10, ...")
+    pr = sub.add_parser("predict", help="apply a finished run's model to images, a folder, a CSV or a feature file")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders, .csv files, or feature files; "
+                    "key=value items (posthoc_tau=1, tau_norm=auto, device=cpu) override the run's settings")
+    pr.add_argument("--which", choices=("best", "last"), default="best")
+    pr.add_argument("--top-k", type=int, default=5, dest="top_k")
+    pr.add_argument("--out", help="output file: .csv (default format) or .jsonl; default: print CSV")
+    d = sub.add_parser("download", help="download and verify a dataset (checksums) into a folder")
+    d.add_argument("name", choices=("cifar10", "cifar100", "mnist", "fashion-mnist"))
+    d.add_argument("--root", help="target folder (default: ~/.cache/ccar/NAME)")
     s = sub.add_parser("sweep", help="run a grid of runs and write a report with mean ± std over seeds")
     s.add_argument("sweep_file")
     s.add_argument("--out", help="sweep folder (default: the file's `out`)")
@@ -73,6 +86,30 @@ def _cmd_retrain(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from .engine.predict import predict_run, write_predictions
+
+    overrides = [i for i in args.inputs if "=" in i and not Path(i).exists()]
+    inputs = [i for i in args.inputs if i not in overrides]
+    if not inputs:
+        raise ConfigError("ccar predict needs at least one INPUT (image, folder, .csv or feature file)")
+    names, probs, classes = predict_run(Path(args.run_dir), inputs, args.which, overrides, args.top_k)
+    path = write_predictions(names, probs, classes, args.top_k, args.out)
+    if path:
+        print(f"{len(names)} predictions written to {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_download(args) -> int:
+    from .data import download_cifar, download_idx
+
+    root = Path(args.root).expanduser() if args.root else None
+    where = download_cifar(args.name, root) if args.name.startswith("cifar") else download_idx(args.name, root)
+    dataset = {"cifar10": "cifar10-lt", "cifar100": "cifar100-lt", "mnist": "mnist-lt"}.get(args.name, "fashion-mnist-lt")
+    print(f"{args.name}: verified files in {where}; train with: ccar train dataset={dataset} data_root={where}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .engine.evaluate_run import evaluate_run
 
@@ -90,8 +127,14 @@ def _cmd_sweep(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "retrain": _cmd_retrain, "sweep": _cmd_sweep}[args.command]
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `ccar predict RUN a.png --out f.csv b.png k=v`: inputs may come after the options
+        if args.command != "predict" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.inputs += extra
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "retrain": _cmd_retrain, "predict": _cmd_predict,
+               "download": _cmd_download, "sweep": _cmd_sweep}[args.command]
     try:
         return handler(args)
     except CCARError as exc:

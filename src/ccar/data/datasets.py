@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ import torch
 from ..errors import DataError
 from . import downloads as dl
 from .profiles import long_tail_counts, long_tail_indices, stratified_split
-from .sources import read_cifar, read_csv, read_idx_pair, read_image_list, read_inat_json
+from .folders import decode_all, fits_in_memory, folder_splits
+from .sources import read_cifar, read_idx_pair, read_image_list, read_inat_json
+from .tabular import TabularPreprocessing, feature_labels, read_csv, read_feature_file, read_frame
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -61,7 +64,8 @@ class LongTailData:
     augment: Augment = field(default_factory=Augment)
     input_shape: Tuple[int, ...] = ()
     kind: str = "image"  # "image" (in memory), "tabular" or "files"
-    note: str = ""  # how the long tail was made (synthetic long tails), shown in the summary
+    note: str = ""  # how the data was built, shown in the summary
+    preprocessing: Optional[object] = None  # csv: the fitted TabularPreprocessing (saved with the run)
 
     @property
     def in_memory(self) -> bool:
@@ -79,8 +83,9 @@ class LongTailData:
 
 
 SYNTHETIC_LT = ("fashion-mnist-lt", "mnist-lt", "cifar10-lt", "cifar100-lt")
-NATURAL_LT = ("imagenet-lt", "places-lt", "inat2018", "csv")
-DATASETS = SYNTHETIC_LT + NATURAL_LT
+NATURAL_LT = ("imagenet-lt", "places-lt", "inat2018")
+OWN_DATA = ("folder", "features", "csv")
+DATASETS = SYNTHETIC_LT + NATURAL_LT + OWN_DATA
 SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100", "csv")
 
 _STATS = {
@@ -175,16 +180,55 @@ def _counts(y: np.ndarray, num_classes: int, where: str) -> List[int]:
     return counts
 
 
-def build_dataset(
-    name: str,
-    data_root: Optional[str] = None,
-    imbalance: Optional[float] = None,
-    profile: str = "exp",
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    n_max: Optional[int] = None,
-) -> LongTailData:
-    """Build a long-tailed benchmark exactly as the literature does (method.md section 3).
+@dataclass
+class DataRequest:
+    """Everything a dataset builder may use; each builder reads the fields that apply to it."""
+
+    name: str
+    data_root: Optional[str] = None
+    imbalance: Optional[float] = None
+    profile: str = "exp"
+    val_fraction: float = 0.1
+    seed: int = 0
+    n_max: Optional[int] = None
+    label_column: Optional[str] = None  # csv
+    csv_impute: str = "none"  # csv: none | mean
+    test_fraction: float = 0.2  # folder (one tree)
+    image_size: int = 224  # folder, file lists
+    in_memory: str = "auto"  # folder: auto | true | false
+    progress: bool = True
+
+    @property
+    def root(self) -> Path:
+        if not self.data_root:
+            raise DataError(f"{self.name}: data_root is required ({_ROOT_HELP.get(self.name, 'the data folder')})")
+        root = Path(self.data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{self.name}: data_root {root} is not a folder")
+        return root
+
+
+_ROOT_HELP = {
+    "csv": "a folder holding train.csv and test.csv",
+    "features": "a folder holding train/test .npz, .safetensors or _X/_y .npy files",
+    "folder": "a folder of class folders, or with train/ and test/ holding class folders",
+}
+BUILDERS: Dict[str, Callable[[DataRequest], "LongTailData"]] = {}
+
+
+def register_dataset(*names: str):
+    """Register a builder ``fn(request) -> LongTailData`` under ``names`` (what configs say as ``dataset=``)."""
+    def wrap(fn):
+        for n in names:
+            BUILDERS[n] = fn
+        return fn
+    return wrap
+
+
+def build_dataset(name: str, data_root: Optional[str] = None, imbalance: Optional[float] = None, profile: str = "exp",
+                  val_fraction: float = 0.1, seed: int = 0, n_max: Optional[int] = None, **options) -> LongTailData:
+    """Build dataset ``name`` (a key of :data:`BUILDERS`): long-tailed benchmarks exactly as the literature builds
+    them (method.md section 3), natural long tails as they come, and your own data.
 
     Synthetic long tails (``fashion-mnist-lt``, ``mnist-lt``, ``cifar10-lt``, ``cifar100-lt``) subset the balanced
     training set with LDAM-DRW's procedure (``imbalance`` defaults to 100; the subset does not depend on ``seed``,
@@ -192,60 +236,106 @@ def build_dataset(
     set stays balanced and untouched. The head count ``n_max`` defaults to the smallest class of the source, so
     that every class can supply its share: 6,000 for Fashion-MNIST, 5,000 / 500 for CIFAR-10/100 (balanced sources,
     as in the literature) and 5,421 for MNIST, whose training classes hold 5,421 to 6,742 images. An explicit
-    ``n_max`` larger than some class can supply is an error naming the class. Natural long tails (``imagenet-lt``, ``places-lt``, ``inat2018``, ``csv``)
-    come as they are; ``imbalance`` is an error there.
+    ``n_max`` larger than some class can supply is an error naming the class. Natural long tails (``imagenet-lt``,
+    ``places-lt``, ``inat2018``) and your own data (``csv``, ``features``, ``folder``) come as they are;
+    ``imbalance`` and ``n_max`` are errors there. ``options``: the other fields of :class:`DataRequest`.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    if name in SYNTHETIC_LT:
-        source = name[:-3]
-        mean, std, num_classes = _STATS[source]
-        x, y = _cached_source(source, data_root, "train")
-        available = np.bincount(y, minlength=num_classes)
-        head = int(available.min()) if n_max is None else int(n_max)
-        imbalance = 100.0 if imbalance is None else imbalance
-        counts = long_tail_counts(head, num_classes, imbalance, profile)
-        short = [c for c in range(num_classes) if counts[c] > available[c]]
-        if short:
-            c = short[0]
-            raise DataError(f"{name}: class {c} has {available[c]} training images, fewer than the {counts[c]} that "
-                            f"n_max={head} asks for; use n_max <= {int(available.min())} or leave it unset")
-        keep = long_tail_indices(y, counts, seed=0)
-        note = (f"head n_max={head} ({'the smallest source class' if n_max is None else 'set by n_max'}; "
-                f"source classes hold {int(available.min())}..{int(available.max())})")
-        train, val = _carve_val(x[keep], y[keep], val_fraction, seed)
-        test = tuple(np.array(a) for a in _cached_source(source, data_root, "test"))
-        is_cifar = source.startswith("cifar")
-        augment = Augment(crop_padding=4 if is_cifar else 2, flip=source != "mnist", mean=mean, std=std)
-        return LongTailData(
-            name, num_classes, _tensors(train), _tensors(val), _tensors(test),
-            _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
-            tuple(x.shape[1:]), "image", note,
-        )
-    if imbalance is not None and imbalance != 1:
-        raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
-    if n_max is not None:
-        raise DataError(f"{name} is a natural long tail; n_max={n_max} does not apply (leave it unset)")
-    if name == "csv":
-        return _build_csv(data_root, val_fraction, seed)
-    return _build_files(name, data_root, val_fraction, seed)
+    if name not in BUILDERS:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(BUILDERS)}")
+    if name not in SYNTHETIC_LT:
+        if imbalance is not None and imbalance != 1:
+            raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
+        if n_max is not None:
+            raise DataError(f"{name} is a natural long tail; n_max={n_max} does not apply (leave it unset)")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DataRequest)})
+    if unknown:
+        raise DataError(f"build_dataset: unknown option {unknown[0]!r}")
+    request = DataRequest(name, data_root, imbalance, profile, val_fraction, seed, n_max, **options)
+    return BUILDERS[name](request)
 
 
-def _build_csv(data_root, val_fraction, seed) -> LongTailData:
-    if not data_root:
-        raise DataError("csv: data_root must name a folder holding train.csv and test.csv")
-    root = Path(data_root)
-    x, y, names = read_csv(root / "train.csv")
-    xt, yt, _ = read_csv(root / "test.csv", class_names=names)
+@register_dataset(*SYNTHETIC_LT)
+def _build_synthetic(req: DataRequest) -> LongTailData:
+    name, data_root, imbalance, profile, n_max = req.name, req.data_root, req.imbalance, req.profile, req.n_max
+    source = name[:-3]
+    mean, std, num_classes = _STATS[source]
+    x, y = _cached_source(source, data_root, "train")
+    available = np.bincount(y, minlength=num_classes)
+    head = int(available.min()) if n_max is None else int(n_max)
+    imbalance = 100.0 if imbalance is None else imbalance
+    counts = long_tail_counts(head, num_classes, imbalance, profile)
+    short = [c for c in range(num_classes) if counts[c] > available[c]]
+    if short:
+        c = short[0]
+        raise DataError(f"{name}: class {c} has {available[c]} training images, fewer than the {counts[c]} that "
+                        f"n_max={head} asks for; use n_max <= {int(available.min())} or leave it unset")
+    keep = long_tail_indices(y, counts, seed=0)
+    note = (f"head n_max={head} ({'the smallest source class' if n_max is None else 'set by n_max'}; "
+            f"source classes hold {int(available.min())}..{int(available.max())})")
+    train, val = _carve_val(x[keep], y[keep], req.val_fraction, req.seed)
+    test = tuple(np.array(a) for a in _cached_source(source, data_root, "test"))
+    is_cifar = source.startswith("cifar")
+    augment = Augment(crop_padding=4 if is_cifar else 2, flip=source != "mnist", mean=mean, std=std)
+    return LongTailData(
+        name, num_classes, _tensors(train), _tensors(val), _tensors(test),
+        _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
+        tuple(x.shape[1:]), "image", note,
+    )
+
+
+def _tabular(name, x, y, xt, yt, names, req, where, preprocessing=None, note="") -> LongTailData:
     if xt.shape[1] != x.shape[1]:
-        raise DataError(f"csv: {root / 'test.csv'} has {xt.shape[1]} features, train.csv has {x.shape[1]}")
-    train, val = _carve_val(x, y, val_fraction, seed)
-    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
+        raise DataError(f"{name}: the test split has {xt.shape[1]} features, the training split {x.shape[1]}")
+    train, val = _carve_val(x, y, req.val_fraction, req.seed)
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6  # training statistics only
     aug = Augment(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     return LongTailData(
-        "csv", len(names), _tensors(train), _tensors(val), _tensors((xt, yt)),
-        _counts(train[1], len(names), f"csv {root / 'train.csv'}"), names, aug, (x.shape[1],), "tabular",
+        name, len(names), _tensors(train), _tensors(val), _tensors((xt, yt)),
+        _counts(train[1], len(names), where), names, aug, (x.shape[1],), "tabular", note, preprocessing,
     )
+
+
+@register_dataset("csv")
+def _build_csv(req: DataRequest) -> LongTailData:
+    root = req.root
+    train_file, test_file = root / "train.csv", root / "test.csv"
+    frame = read_frame(train_file)
+    prep = TabularPreprocessing.fit(frame, train_file, req.label_column, req.csv_impute)
+    x, y = prep.transform(frame, train_file)
+    xt, yt = prep.transform(read_frame(test_file), test_file)
+    note = f"{len(prep.numeric)} numeric and {len(prep.categorical)} categorical columns -> {x.shape[1]} features"
+    return _tabular("csv", x, y, xt, yt, prep.class_names, req, f"csv {train_file}", prep, note)
+
+
+@register_dataset("features")
+def _build_features(req: DataRequest) -> LongTailData:
+    root = req.root
+    x, y_raw, train_path = read_feature_file(root, "train")
+    xt, yt_raw, test_path = read_feature_file(root, "test")
+    y, yt, names = feature_labels(y_raw, yt_raw, test_path)
+    return _tabular("features", x, y, xt, yt, names, req, f"features {train_path}", note=f"{x.shape[1]} features")
+
+
+@register_dataset("folder")
+def _build_folder(req: DataRequest) -> LongTailData:
+    root, size = req.root, req.image_size
+    (train_paths, train_y), (test_paths, test_y), names, layout = folder_splits(root, req.test_fraction, req.seed)
+    train_pos, val_pos = stratified_split(train_y, req.val_fraction, req.seed)
+    note = f"{layout}; images {size}x{size}"
+    if fits_in_memory(len(train_paths) + len(test_paths), size, req.in_memory):
+        images = decode_all(train_paths, size, "training images", req.progress)
+        test_images = decode_all(test_paths, size, "test images", req.progress)
+        train, val = (images[train_pos], train_y[train_pos]), (images[val_pos], train_y[val_pos])
+        augment = Augment(crop_padding=max(1, size // 8), flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return LongTailData("folder", len(names), _tensors(train), _tensors(val), _tensors((test_images, test_y)),
+                            _counts(train[1], len(names), f"folder {root}"), names, augment, (3, size, size),
+                            "image", note + ", decoded in memory")
+    train = ImageFiles([train_paths[i] for i in train_pos], train_y[train_pos])
+    val = ImageFiles([train_paths[i] for i in val_pos], train_y[val_pos])
+    test = ImageFiles(test_paths, test_y)
+    augment = Augment(flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return LongTailData("folder", len(names), train, val, test, _counts(train.targets, len(names), f"folder {root}"),
+                        names, augment, (3, size, size), "files", note + ", streamed from the files")
 
 
 _LISTS = {
@@ -254,12 +344,9 @@ _LISTS = {
 }
 
 
-def _build_files(name, data_root, val_fraction, seed) -> LongTailData:
-    if not data_root:
-        raise DataError(f"{name}: data_root is required (the folder holding the images and the list/JSON files)")
-    root = Path(data_root)
-    if not root.is_dir():
-        raise DataError(f"{name}: data_root {root} is not a folder")
+@register_dataset("imagenet-lt", "places-lt", "inat2018")
+def _build_files(req: DataRequest) -> LongTailData:
+    name, root, val_fraction, seed = req.name, req.root, req.val_fraction, req.seed
     if name in _LISTS:
         train, val, test = (ImageFiles(*read_image_list(root / f, root)) for f in _LISTS[name])
         num_classes = int(max(s.targets.max() for s in (train, val, test))) + 1  # 1000 / 365 on the real lists

@@ -2,13 +2,11 @@
 
 - IDX (MNIST, Fashion-MNIST), gzipped or raw;
 - CIFAR-10/100 python pickles, through :mod:`.safe_pickle` (no code runs; only plain numeric arrays are built);
-- CSV feature tables with a label column;
 - image list files (ImageNet-LT, Places-LT) and iNaturalist-2018 JSON -> (relative path, label) records.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -16,7 +14,7 @@ import math
 import pickle
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -143,67 +141,11 @@ def read_cifar(root: Path, name: str, split: str) -> Tuple[np.ndarray, np.ndarra
         base = Path(root) if (Path(root) / train_files[0]).exists() else base
     if not base.is_dir():
         raise DataError(
-            f"{name}: folder {Path(root) / folder} not found; extract the official archive there "
-            f"(ccar.data.download_cifar('{name}', '{root}') does it when online)"
+            f"{name}: folder {Path(root) / folder} not found; download and verify the official archive with "
+            f"`ccar download {name} --root {root}` (or extract it there yourself)"
         )
     parts = [_cifar_arrays(base / f, label_key, num_classes) for f in (train_files if split == "train" else test_files)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-# --- CSV ----------------------------------------------------------------------------------------------------------
-
-
-def read_csv(path: Path, label_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None):
-    """Float features (N, F), int64 labels and the class names of a CSV file with a header row.
-
-    The label column is ``label_column``, else a column named ``label``/``target``/``class``, else the last one.
-    Labels are mapped to ids in sorted order unless ``class_names`` (e.g. the training split's) is given.
-    """
-    raw = _read_bytes(path, "CSV")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"CSV: {path} is not UTF-8 text ({exc})") from exc
-    try:
-        rows = list(csv.reader(io.StringIO(text)))
-    except csv.Error as exc:
-        raise DataError(f"CSV: {path} is malformed: {exc}") from exc
-    rows = [r for r in rows if r and any(cell.strip() for cell in r)]
-    if len(rows) < 2:
-        raise DataError(f"CSV: {path} needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
-    if label_column is None:
-        label_column = next((h for h in header if h.lower() in ("label", "target", "class")), header[-1])
-    if label_column not in header:
-        raise DataError(f"CSV: {path} has no column {label_column!r}; columns: {', '.join(header)}")
-    if len(header) < 2:
-        raise DataError(f"CSV: {path} needs at least one feature column besides {label_column!r}")
-    li = header.index(label_column)
-    features, labels = [], []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DataError(f"CSV: {path} line {line} has {len(row)} fields, the header has {len(header)}")
-        try:
-            features.append([float(v) for i, v in enumerate(row) if i != li])
-        except ValueError as exc:
-            raise DataError(f"CSV: {path} line {line}: non-numeric feature ({exc})") from exc
-        labels.append(row[li].strip())
-    x = np.asarray(features, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"CSV: {path} has NaN or infinite feature values")
-    names = list(class_names) if class_names is not None else sorted(set(labels), key=_label_sort_key)
-    index = {n: i for i, n in enumerate(names)}
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise DataError(f"CSV: {path} has label {unknown[0]!r} that the training split does not have")
-    return x, np.asarray([index[v] for v in labels], dtype=np.int64), names
-
-
-def _label_sort_key(label: str):
-    try:
-        return (0, float(label), label)
-    except ValueError:
-        return (1, 0.0, label)
 
 
 # --- file lists ---------------------------------------------------------------------------------------------------

@@ -95,7 +95,11 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: torch's default)
     resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
     workers: int = 4  # DataLoader workers for file-backed datasets
-    image_size: int = 224  # file-backed datasets
+    image_size: int = 224  # file-backed datasets and dataset=folder
+    in_memory: str = "auto"  # dataset=folder: decode once into memory (auto: when it fits in 2 GiB), true, false
+    test_fraction: float = 0.2  # dataset=folder with one tree: the share of each class carved out as the test split
+    label_column: Optional[str] = None  # dataset=csv (default: label, target or class, else the last column)
+    csv_impute: str = "none"  # dataset=csv: none (a missing value is an error) or mean (mean / most frequent)
     posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation
     tau_norm: Optional[str] = None  # post-hoc tau-normalisation of the classifier: a number, or auto (chosen on val)
     sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
@@ -226,6 +230,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.imbalance is None or cfg.imbalance >= 1, "imbalance", "a number >= 1 (n_max / n_min)", cfg.imbalance)
     _check(cfg.n_max is None or cfg.n_max >= 1, "n_max", "an integer >= 1 (images of the largest class)", cfg.n_max)
     _check(0 <= cfg.val_fraction < 1, "val_fraction", "a fraction in [0, 1)", cfg.val_fraction)
+    _check(0 < cfg.test_fraction < 1, "test_fraction", "a fraction in (0, 1)", cfg.test_fraction)
+    _check(cfg.in_memory in ("auto", "true", "false"), "in_memory", "auto, true or false", cfg.in_memory)
+    _check(cfg.csv_impute in ("none", "mean"), "csv_impute", "none or mean", cfg.csv_impute)
     _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)
     _check(cfg.workers >= 0, "workers", "an integer >= 0", cfg.workers)
     _check(cfg.image_size >= 8, "image_size", "an integer >= 8 (pixels)", cfg.image_size)
@@ -233,8 +240,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.posthoc_tau is None or cfg.posthoc_tau >= 0, "posthoc_tau", "a number >= 0", cfg.posthoc_tau)
     _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)
     _check(cfg.model.depth >= 1, "model.depth", "an integer >= 1", cfg.model.depth)
-    _check(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden), "model.hidden",
-           "a non-empty list of layer sizes >= 1", cfg.model.hidden)
+    _check(all(h >= 1 for h in cfg.model.hidden), "model.hidden", "a list of layer sizes >= 1 ([] is a linear model)",
+           cfg.model.hidden)
     _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     _check(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)

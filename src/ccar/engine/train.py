@@ -22,6 +22,7 @@ from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
 from .decoupling import (TauNorm, choose_tau, freeze_batchnorm, prepare_retrain, project_max_norm, resolve_tau_norm,
                          wrap_lws)
 from .distributed import DistContext, init_distributed
+from .predict import DATA_FILE, save_data_description
 from .sync_bn import convert_sync_batchnorm
 from .evaluate import classification_metrics, predict
 
@@ -75,7 +76,9 @@ def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
 def dataset_from_config(cfg: TrainConfig) -> LongTailData:
     """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank."""
     return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
-                         n_max=cfg.n_max)
+                         n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
+                         test_fraction=cfg.test_fraction, image_size=cfg.image_size, in_memory=cfg.in_memory,
+                         progress=cfg.progress)
 
 
 def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
@@ -90,6 +93,9 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
     if cfg.model.head not in ("auto", "linear", "cosine"):
         raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
+    if len(data.input_shape) == 1 and cfg.model.name != "mlp":
+        raise ConfigError(f"model.name={cfg.model.name} is for images; {data.name} has {data.input_shape[0]} features "
+                          f"per row: use model.name=mlp (model.hidden=[] is a linear model)")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
@@ -223,6 +229,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if ctx.is_main:
         check_output_dir(run_dir, needed_bytes=n_params * 4 * 4 + (64 << 20))
         save_config(cfg, run_dir / "config.yaml")
+        save_data_description(data, run_dir / DATA_FILE, cfg.image_size)  # what `ccar predict` needs
+        if data.preprocessing is not None:  # csv: what `ccar eval` and `ccar predict` must apply to new rows
+            data.preprocessing.save(run_dir / "preprocessing.json", data.augment.mean, data.augment.std)
     dtype = amp_dtype(cfg.amp, device)
     train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
     prepare = lambda x: normalize(x, data.augment, channels_last)  # noqa: E731

@@ -1,0 +1,211 @@
+"""Your own long-tailed data end to end: image folders, feature files, CSV with categories and gaps, ccar predict."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ccar import DataError
+from ccar.cli import main
+from ccar.data import build_dataset
+from ccar.data import folders as folders_mod
+from ccar.engine.config import load_config
+from ccar.engine.evaluate_run import evaluate_run
+from ccar.engine.predict import predict_run
+from ccar.engine.train import train
+
+FAST = ["model.width=4", "optim.batch_size=16", "optim.lr=0.05", "threads=1", "progress=false"]
+TAIL = {"ant": 14, "bee": 6, "cow": 3}  # a small long tail
+
+
+def write_image(path, colour, size, fmt=None):
+    from PIL import Image
+
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    pixels = np.clip(np.asarray(colour)[None, None] + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, format=fmt)
+
+
+def make_folder_tree(root, counts=TAIL, split=False):
+    """Class folders of coloured images of unequal sizes and formats (a separable long tail)."""
+    colours = {"ant": (200, 30, 30), "bee": (30, 200, 30), "cow": (30, 30, 200)}
+    for name, n in counts.items():
+        for i in range(n):
+            sub = ("test" if i % 3 == 0 else "train") if split else ""
+            ext = ".png" if i % 2 else ".jpg"
+            write_image(root / sub / name / f"{i}{ext}", colours[name], (20 + 3 * i, 18 + i))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCAR_CACHE", str(tmp_path / "cache"))
+
+
+def test_folder_one_tree_carves_a_stratified_test_split(tmp_path):
+    root = make_folder_tree(tmp_path / "photos")
+    (root / "notes.txt").write_text("not a class folder, not an image")
+    (root / "ant" / "readme.md").write_text("skipped: not an image")
+    data = build_dataset("folder", str(root), image_size=16, val_fraction=0.2, progress=False)
+    assert data.class_names == ["ant", "bee", "cow"] and data.kind == "image" and data.input_shape == (3, 16, 16)
+    test_counts = np.bincount(data.test[1].numpy(), minlength=3)
+    train_counts = np.asarray(data.class_counts) + np.bincount(data.val[1].numpy(), minlength=3)
+    assert (test_counts >= 1).all() and (np.asarray(data.class_counts) >= 1).all()
+    assert (train_counts + test_counts).tolist() == list(TAIL.values())
+    assert data.train[0].dtype == torch.uint8 and data.train[0].shape[1:] == (3, 16, 16)
+    again = build_dataset("folder", str(root), image_size=16, val_fraction=0.2, progress=False)
+    assert torch.equal(again.test[0], data.test[0]) and torch.equal(again.train[1], data.train[1])
+
+
+def test_folder_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "photos")
+    build_dataset("folder", str(root), image_size=12, progress=False)
+    calls = []
+    real = folders_mod.decode_image
+    monkeypatch.setattr(folders_mod, "decode_image", lambda *a, **k: calls.append(a) or real(*a, **k))
+    build_dataset("folder", str(root), image_size=12, progress=False)
+    assert calls == []  # everything came from the cache
+    write_image(root / "cow" / "0.jpg", (250, 250, 0), (30, 30))
+    os.utime(root / "cow" / "0.jpg", ns=(1, 10**18))
+    changed = build_dataset("folder", str(root), image_size=12, progress=False)
+    assert len(calls) > 0  # the changed file invalidated the cache: decoded again
+    assert changed.kind == "image"
+
+
+def test_folder_errors_name_the_file_or_class(tmp_path):
+    root = make_folder_tree(tmp_path / "photos")
+    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match=r"cannot decode image .*bee/broken\.jpg"):
+        build_dataset("folder", str(root), image_size=12, progress=False)
+    (root / "bee" / "broken.jpg").unlink()
+    outside = tmp_path / "secret.png"
+    write_image(outside, (0, 0, 0), (8, 8))
+    (root / "ant" / "link.png").symlink_to(outside)
+    with pytest.raises(DataError, match=r"symlink that leaves the data root"):
+        build_dataset("folder", str(root), image_size=12, progress=False)
+    (root / "ant" / "link.png").unlink()
+    (root / "ant" / "inside.png").symlink_to(root / "ant" / "1.png")  # a link within the root is fine
+    build_dataset("folder", str(root), image_size=12, progress=False)
+    single = tmp_path / "single"
+    make_folder_tree(single, {"ant": 4, "bee": 1})
+    with pytest.raises(DataError, match="class 'bee' has 1 image"):
+        build_dataset("folder", str(single), image_size=12, progress=False)
+    with pytest.raises(DataError, match="no class sub-folders"):
+        build_dataset("folder", str(tmp_path / "single" / "bee"), progress=False)
+
+
+def test_folder_train_test_layout_and_streaming(tmp_path):
+    root = make_folder_tree(tmp_path / "photos", split=True)
+    data = build_dataset("folder", str(root), image_size=16, val_fraction=0.0, progress=False)
+    assert len(data.test[1]) == sum((n + 2) // 3 for n in TAIL.values())
+    streamed = build_dataset("folder", str(root), image_size=16, in_memory="false", progress=False)
+    assert streamed.kind == "files" and len(streamed.test) == len(data.test[1])
+    out = tmp_path / "run"
+    train(load_config(None, ["dataset=folder", f"data_root={root}", "image_size=16", "in_memory=false", "workers=0",
+                             "epochs=1", "val_fraction=0", f"out={out}", *FAST]), log=lambda *_: None)
+    assert (out / "metrics.json").is_file()
+
+
+def _read_predictions(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_train_then_predict_agrees_with_eval(tmp_path, capsys):
+    root = make_folder_tree(tmp_path / "photos", split=True)
+    out = tmp_path / "run"
+    train(load_config(None, ["dataset=folder", f"data_root={root}", "image_size=16", "epochs=4", "val_fraction=0",
+                             f"out={out}", *FAST]), log=lambda *_: None)
+    metrics = evaluate_run(out, "best")["metrics"]
+    assert main(["predict", str(out), str(root / "test"), "--top-k", "2", "--out", str(tmp_path / "p.csv")]) == 0
+    rows = _read_predictions(tmp_path / "p.csv")
+    assert len(rows) == sum((n + 2) // 3 for n in TAIL.values())
+    assert set(rows[0]) == {"input", "top1", "p1", "top2", "p2"} and float(rows[0]["p1"]) >= float(rows[0]["p2"])
+    per_class = []
+    for c, name in enumerate(["ant", "bee", "cow"]):
+        mine = [r for r in rows if f"/test/{name}/" in r["input"]]
+        per_class.append(100.0 * sum(r["top1"] == name for r in mine) / len(mine))
+    assert per_class == pytest.approx(metrics["per_class"])  # the same predictions as `ccar eval`
+    names, probs, classes = predict_run(out, [str(root / "test" / "ant" / "0.jpg")], top_k=1)
+    assert classes == ["ant", "bee", "cow"] and probs.shape == (1, 3) and abs(float(probs.sum()) - 1) < 1e-5
+    assert main(["predict", str(out), str(root / "test"), "--out", str(tmp_path / "p.jsonl"), "posthoc_tau=1"]) == 0
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert set(first) >= {"input", "top1", "p1"}
+
+
+def test_csv_with_categories_and_gaps_trains_and_predicts(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "table"
+    root.mkdir()
+    for split, per in (("train", (60, 20, 6)), ("test", (6, 6, 6))):
+        lines = ["height,colour,weight,species"]
+        for c, n in enumerate(per):
+            for i in range(n):
+                weight = "" if (split == "train" and i == 1) else f"{rng.normal(c * 3, 0.4):.3f}"
+                colour = ["red", "green", "blue"][c] if rng.random() < 0.9 else "green"
+                lines.append(f"{rng.normal(c, 0.3):.3f},{colour},{weight},{['oak', 'elm', 'yew'][c]}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    args = ["dataset=csv", f"data_root={root}", "model.name=mlp", "model.hidden=[16]", "epochs=8", *FAST]
+    with pytest.raises(DataError, match="column 'weight' has a missing value at line 3; fill it in or set csv_impute=mean"):
+        train(load_config(None, args + [f"out={tmp_path / 'no'}"]), log=lambda *_: None)
+    out = tmp_path / "run"
+    train(load_config(None, args + ["csv_impute=mean", f"out={out}"]), log=lambda *_: None)
+    prep = json.loads((out / "preprocessing.json").read_text())
+    assert prep["categorical"] == {"colour": ["blue", "green", "red"]} and prep["class_names"] == ["elm", "oak", "yew"]
+    metrics = evaluate_run(out, "best")["metrics"]
+    assert main(["predict", str(out), str(root / "test.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = _read_predictions(tmp_path / "p.csv")
+    truth = [line.rsplit(",", 1)[1] for line in (root / "test.csv").read_text().splitlines()[1:]]
+    assert rows[0]["input"].endswith("test.csv:2") and len(rows) == len(truth)
+    top1 = 100.0 * np.mean([r["top1"] == t for r, t in zip(rows, truth)])
+    assert top1 == pytest.approx(metrics["top1"]) and top1 > 60
+
+
+def test_features_train_and_predict(tmp_path):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 8)) * 3
+    counts = (50, 15, 5)
+    y = np.repeat(np.arange(3), counts)
+    x = (centers[y] + rng.normal(size=(len(y), 8))).astype(np.float32)
+    yt = np.repeat(np.arange(3), 5)
+    xt = (centers[yt] + rng.normal(size=(len(yt), 8))).astype(np.float32)
+    np.savez(tmp_path / "train.npz", X=x, y=np.array(["a", "b", "c"])[y])
+    np.savez(tmp_path / "test.npz", X=xt, y=np.array(["a", "b", "c"])[yt])
+    out = tmp_path / "run"
+    train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "model.name=mlp", "model.hidden=[]",
+                             "epochs=10", f"out={out}", *FAST]), log=lambda *_: None)
+    metrics = evaluate_run(out, "best")["metrics"]
+    names, probs, classes = predict_run(out, [str(tmp_path / "test.npz")])
+    assert classes == ["a", "b", "c"] and len(names) == 15 and names[0].endswith("test.npz[0]")
+    top1 = 100.0 * float((probs.argmax(1).numpy() == yt).mean())
+    assert top1 == pytest.approx(metrics["top1"])
+    np.save(tmp_path / "rows.npy", xt[:2])
+    assert predict_run(out, [str(tmp_path / "rows.npy")])[1].shape == (2, 3)
+
+
+def test_predict_and_download_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["predict", str(tmp_path), "x.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a finished ccar run" in err
+    import ccar.data as data_mod
+
+    def offline(name, root=None):
+        raise DataError(f"{name}: download failed (no network); put the files in {root} yourself")
+
+    monkeypatch.setattr(data_mod, "download_cifar", offline)
+    assert main(["download", "cifar100", "--root", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ccar download: error: cifar100: download failed")
+
+
+def test_a_cnn_on_features_is_a_clear_error(tmp_path):
+    from ccar import ConfigError
+
+    np.savez(tmp_path / "train.npz", X=np.ones((4, 3), np.float32), y=np.array([0, 0, 1, 1]))
+    np.savez(tmp_path / "test.npz", X=np.ones((2, 3), np.float32), y=np.array([0, 1]))
+    with pytest.raises(ConfigError, match="model.name=cnn is for images; features has 3 features per row: use model.name=mlp"):
+        train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "epochs=1", f"out={tmp_path / 'r'}"]))
