@@ -152,7 +152,7 @@ def test_retrain_keeps_the_backbone_bit_identical(first_stage, tmp_path, method)
 
 
 def test_retrain_errors(first_stage, tmp_path):
-    with pytest.raises(ConfigError, match="method=crt or method=lws"):
+    with pytest.raises(ConfigError, match="method=crt, method=lws or method=ft"):
         retrain_config(first_stage, [])
     with pytest.raises(ConfigError, match="not a finished ccar run"):
         retrain_config(tmp_path, ["method=crt"])

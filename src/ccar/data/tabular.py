@@ -204,8 +204,8 @@ def read_csv(path: Path, label_column: Optional[str] = None, class_names: Option
     >>> path = os.path.join(tempfile.mkdtemp(), "t.csv")
     >>> _ = open(path, "w").write("size,colour,label\\n1.5,red,cat\\n2.0,blue,dog\\n")
     >>> x, y, names = read_csv(path)
-    >>> x.tolist(), y.tolist(), names
-    ([[1.5, 1.0, 0.0], [2.0, 0.0, 1.0]], [0, 1], ['cat', 'dog'])
+    >>> x.tolist(), y.tolist(), names  # size, colour=blue, colour=red
+    ([[1.5, 0.0, 1.0], [2.0, 1.0, 0.0]], [0, 1], ['cat', 'dog'])
     """
     frame = read_frame(Path(path))
     prep = TabularPreprocessing.fit(frame, Path(path), label_column, impute)
