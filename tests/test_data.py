@@ -401,3 +401,30 @@ def test_real_fashion_mnist_lt():
     assert data.train[0].shape[1:] == (1, 28, 28) and len(data.test[1]) == 10_000
     assert sum(data.class_counts) + len(data.val[1]) == sum(long_tail_counts(6000, 10, 100)) == 14_886
     assert np.bincount(data.test[1].numpy()).tolist() == [1000] * 10
+
+
+# --- a known optimum ---------------------------------------------------------------------------------------------
+
+
+def test_gaussian_lt_profile_and_its_bayes_reference(tmp_path):
+    from ccar.data.synthetic import GaussianLT, balanced_accuracy, nearest_mean_predictions
+    from ccar.engine.config import load_config
+    from ccar.engine.train import train
+
+    spec = GaussianLT(num_classes=20, dim=8, separation=4.0, imbalance=100, test_per_class=50)
+    x, y, xt, yt = spec.sample()
+    counts = np.bincount(y).tolist()
+    assert counts[0] == 500 and counts[-1] == 5 and counts == long_tail_counts(500, 20, 100)
+    assert np.bincount(yt).tolist() == [50] * 20
+    again = GaussianLT(num_classes=20, dim=8, separation=4.0, imbalance=100, test_per_class=50).sample()
+    assert np.array_equal(again[0], x)  # fixed by data_seed, not by the run's seed
+    bayes = balanced_accuracy(nearest_mean_predictions(xt, spec.means()), yt, 20)
+    shifted = balanced_accuracy(nearest_mean_predictions(xt, spec.means() * 0.5), yt, 20)
+    assert bayes > shifted  # the true means beat wrong ones on the same draws
+    out = tmp_path / "run"
+    metrics = train(load_config(None, ["dataset=gaussian-lt", "synthetic.num_classes=20", "synthetic.dim=8",
+                                       "synthetic.separation=4", "synthetic.test_per_class=50", "model.name=mlp",
+                                       "model.hidden=[]", "loss.name=la", "epochs=5", "threads=1", "progress=false",
+                                       f"out={out}"]), log=lambda *_: None)
+    assert metrics["bayes_balanced_accuracy"] == pytest.approx(bayes)
+    assert metrics["balanced"] <= bayes + 2.0  # no model beats the Bayes rule beyond sampling noise

@@ -17,6 +17,7 @@ from . import downloads as dl
 from .profiles import long_tail_counts, long_tail_indices, stratified_split
 from .folders import decode_all, fits_in_memory, folder_splits
 from .sources import read_cifar, read_idx_pair, read_image_list, read_inat_json
+from .synthetic import GaussianLT, balanced_accuracy, nearest_mean_predictions
 from .tabular import TabularPreprocessing, feature_labels, read_csv, read_feature_file, read_frame
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -66,6 +67,7 @@ class LongTailData:
     kind: str = "image"  # "image" (in memory), "tabular" or "files"
     note: str = ""  # how the data was built, shown in the summary
     preprocessing: Optional[object] = None  # csv: the fitted TabularPreprocessing (saved with the run)
+    reference: Dict[str, float] = field(default_factory=dict)  # known optima (gaussian-lt), copied into metrics
 
     @property
     def in_memory(self) -> bool:
@@ -85,7 +87,8 @@ class LongTailData:
 SYNTHETIC_LT = ("fashion-mnist-lt", "mnist-lt", "cifar10-lt", "cifar100-lt")
 NATURAL_LT = ("imagenet-lt", "places-lt", "inat2018")
 OWN_DATA = ("folder", "features", "csv")
-DATASETS = SYNTHETIC_LT + NATURAL_LT + OWN_DATA
+KNOWN_OPTIMUM = ("gaussian-lt",)
+DATASETS = SYNTHETIC_LT + NATURAL_LT + OWN_DATA + KNOWN_OPTIMUM
 SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100", "csv")
 
 _STATS = {
@@ -197,6 +200,10 @@ class DataRequest:
     image_size: int = 224  # folder, file lists
     in_memory: str = "auto"  # folder: auto | true | false
     progress: bool = True
+    num_classes: int = 100  # gaussian-lt
+    dim: int = 32  # gaussian-lt
+    separation: float = 3.0  # gaussian-lt
+    test_per_class: int = 100  # gaussian-lt
 
     @property
     def root(self) -> Path:
@@ -242,7 +249,7 @@ def build_dataset(name: str, data_root: Optional[str] = None, imbalance: Optiona
     """
     if name not in BUILDERS:
         raise DataError(f"unknown dataset {name!r}; valid: {', '.join(BUILDERS)}")
-    if name not in SYNTHETIC_LT:
+    if name not in SYNTHETIC_LT + KNOWN_OPTIMUM:
         if imbalance is not None and imbalance != 1:
             raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
         if n_max is not None:
@@ -281,6 +288,20 @@ def _build_synthetic(req: DataRequest) -> LongTailData:
         _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
         tuple(x.shape[1:]), "image", note,
     )
+
+
+@register_dataset("gaussian-lt")
+def _build_gaussian(req: DataRequest) -> LongTailData:
+    spec = GaussianLT(req.num_classes, req.dim, req.separation, 100.0 if req.imbalance is None else req.imbalance,
+                      req.n_max or 0, req.test_per_class)
+    x, y, xt, yt = spec.sample()
+    bayes = balanced_accuracy(nearest_mean_predictions(xt, spec.means()), yt, spec.num_classes)
+    note = (f"synthetic: {spec.num_classes} Gaussian classes in {spec.dim} dimensions, separation {spec.separation:g}; "
+            f"Bayes balanced accuracy on the test draws {bayes:.2f} %")
+    data = _tabular("gaussian-lt", x, y, xt, yt, [str(c) for c in range(spec.num_classes)], req, "gaussian-lt",
+                    note=note)
+    data.reference = {"bayes_balanced_accuracy": bayes}
+    return data
 
 
 def _tabular(name, x, y, xt, yt, names, req, where, preprocessing=None, note="") -> LongTailData:

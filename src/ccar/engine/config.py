@@ -77,6 +77,16 @@ class OptimConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """``dataset=gaussian-lt``: Gaussian classes with a known optimum (ccar.data.synthetic)."""
+
+    num_classes: int = 100
+    dim: int = 32
+    separation: float = 3.0
+    test_per_class: int = 100
+
+
+@dataclass
 class TrainConfig:
     dataset: str = "fashion-mnist-lt"
     data_root: Optional[str] = None
@@ -112,6 +122,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def run_dir(self) -> Path:
         if self.out:
@@ -231,6 +242,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.n_max is None or cfg.n_max >= 1, "n_max", "an integer >= 1 (images of the largest class)", cfg.n_max)
     _check(0 <= cfg.val_fraction < 1, "val_fraction", "a fraction in [0, 1)", cfg.val_fraction)
     _check(0 < cfg.test_fraction < 1, "test_fraction", "a fraction in (0, 1)", cfg.test_fraction)
+    g = cfg.synthetic
+    _check(g.num_classes >= 2, "synthetic.num_classes", "an integer >= 2", g.num_classes)
+    _check(g.dim >= 1, "synthetic.dim", "an integer >= 1", g.dim)
+    _check(g.separation > 0, "synthetic.separation", "a number > 0", g.separation)
+    _check(g.test_per_class >= 1, "synthetic.test_per_class", "an integer >= 1", g.test_per_class)
     _check(cfg.in_memory in ("auto", "true", "false"), "in_memory", "auto, true or false", cfg.in_memory)
     _check(cfg.csv_impute in ("none", "mean"), "csv_impute", "none or mean", cfg.csv_impute)
     _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)

@@ -78,7 +78,8 @@ def dataset_from_config(cfg: TrainConfig) -> LongTailData:
     return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
                          n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
                          test_fraction=cfg.test_fraction, image_size=cfg.image_size, in_memory=cfg.in_memory,
-                         progress=cfg.progress)
+                         progress=cfg.progress, num_classes=cfg.synthetic.num_classes, dim=cfg.synthetic.dim,
+                         separation=cfg.synthetic.separation, test_per_class=cfg.synthetic.test_per_class)
 
 
 def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
@@ -436,6 +437,7 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         metrics["tau_norm"] = results["best"]["tau_norm"]
     if cfg.parent:
         metrics["parent"] = cfg.parent
+    metrics.update(data.reference)  # e.g. the Bayes balanced accuracy of gaussian-lt
     if ctx.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         ckpt.save_weights(run_dir / "best.safetensors", best_state or last_state)
