@@ -248,7 +248,7 @@ def test_ldam_is_evaluated_in_its_training_scale():
     # LDAM trains on 30 * cosine: test probabilities must come from the scaled logits, or ECE is meaningless.
     from ccar.data import DeviceLoader
     from ccar.engine.distributed import DistContext
-    from ccar.engine.train import eval_logit_scale, evaluate_split
+    from ccar.engine.scoring import eval_logit_scale, evaluate_split
 
     assert eval_logit_scale(load_config(None, ["loss.name=ldam"])) == 30.0
     assert eval_logit_scale(load_config(None, ["loss.name=ccar", "loss.base=ldam", "loss.scale=16"])) == 16.0

@@ -13,8 +13,8 @@ from ..report.tables import metrics_table
 from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
-from .train import (amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device, test_metrics,
-                    use_channels_last)
+from .scoring import evaluate_test_split
+from .train import amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device, use_channels_last
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:
@@ -30,7 +30,8 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
     model.load_state_dict(ckpt.load_weights(weights))
     _, eval_batches = make_loaders(data, cfg, device, DistContext())
     prepare = lambda x: normalize(x, data.augment, use_channels_last(cfg, data))  # noqa: E731
-    metrics = test_metrics(cfg, data, model, eval_batches, prepare, device, DistContext(), amp_dtype(cfg.amp, device))
+    metrics = evaluate_test_split(cfg, data, model, eval_batches, prepare, device, DistContext(),
+                                  amp_dtype(cfg.amp, device))
     suffix = f"-posthoc{cfg.posthoc_tau:g}" if cfg.posthoc_tau else ""
     suffix += f"-taunorm{cfg.tau_norm}" if cfg.tau_norm is not None else ""
     path = run_dir / f"eval-{which}{suffix}.json"

@@ -114,7 +114,8 @@ def _batches(desc, inputs: Sequence[str], run_dir: Path, batch_size: int = 256):
 def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overrides: Sequence[str] = (),
                 top_k: int = 5) -> Tuple[List[str], torch.Tensor, List[str]]:
     """(input names, probabilities (N, C), class names) of ``run_dir``'s model on ``inputs``."""
-    from .train import amp_dtype, dataset_from_config, eval_logit_scale, model_from_config, resolve_device
+    from .scoring import eval_logit_scale
+    from .train import amp_dtype, dataset_from_config, model_from_config, resolve_device
 
     run_dir = Path(run_dir)
     config, weights = run_dir / "config.yaml", run_dir / f"{which}.safetensors"
@@ -139,7 +140,8 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     tau = resolve_tau_norm(cfg.tau_norm)
     if tau == "auto":  # chosen on the run's validation split, as `ccar eval` does
         from .distributed import DistContext
-        from .train import evaluate_split, make_loaders
+        from .scoring import evaluate_split
+        from .train import make_loaders
 
         data = dataset_from_config(cfg)
         _, eval_batches = make_loaders(data, cfg, device, DistContext())

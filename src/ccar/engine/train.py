@@ -15,16 +15,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
 from ..errors import ConfigError, TrainingError
-from ..losses import build_loss, posthoc_logit_adjustment
+from ..losses import build_loss
 from ..models import NormedLinear, build_model
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
-from .decoupling import (TauNorm, choose_tau, freeze_batchnorm, prepare_retrain, project_max_norm, resolve_tau_norm,
-                         wrap_lws)
+from .decoupling import freeze_batchnorm, prepare_retrain, project_max_norm, wrap_lws
 from .distributed import DistContext, init_distributed
 from .predict import DATA_FILE, save_data_description
+from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split
 from .sync_bn import convert_sync_batchnorm
-from .evaluate import classification_metrics, predict
 
 
 # --- set-up helpers -------------------------------------------------------------------------------------------------
@@ -101,12 +100,6 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
     return wrap_lws(model, data.num_classes) if cfg.retrain == "lws" else model
-
-
-def eval_logit_scale(cfg: TrainConfig) -> float:
-    """LDAM trains on s * (cosine - margin): evaluation scales the logits by s too, so that probabilities (ECE)
-    and post-hoc adjustment live in the units the model was trained in. Argmax is unchanged."""
-    return float(cfg.loss.scale or 30.0) if cfg.loss.uses_ldam else 1.0
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -366,49 +359,6 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None,
-                   logit_scale: float = 1.0):
-    """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
-    logits, targets = predict(model, batches, prepare, device, dtype)
-    logits = logits * logit_scale
-    if ctx.enabled:
-        n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
-        logits, targets = ctx.all_gather_cat(logits.to(device)).cpu(), ctx.all_gather_cat(targets.to(device)).cpu()
-        # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
-        per = len(logits) // ctx.world_size
-        order = torch.arange(per * ctx.world_size).view(ctx.world_size, per).t().reshape(-1)
-        logits, targets = logits[order][:n], targets[order][:n]
-    if posthoc_tau:
-        logits = posthoc_logit_adjustment(logits, counts, posthoc_tau)
-    return classification_metrics(logits, targets, counts)
-
-
-def split_size(split) -> int:
-    return len(split[1]) if isinstance(split, tuple) else len(split)
-
-
-def test_metrics(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
-    """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
-    tau-normalisation (``tau_norm``; ``auto`` chooses tau on the validation split, never on the test split)."""
-    def evaluate(split):
-        return evaluate_split(model, eval_batches(split), prepare, device, data.class_counts, ctx, dtype,
-                              cfg.posthoc_tau, eval_logit_scale(cfg))
-
-    tau = resolve_tau_norm(cfg.tau_norm)
-    if tau is None:
-        return evaluate(data.test)
-    if tau == "auto":
-        if not split_size(data.val):
-            raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
-        tau, scores = choose_tau(model, lambda: evaluate(data.val))
-    with TauNorm(model, tau):
-        metrics = evaluate(data.test)
-    metrics["tau_norm"] = tau
-    if cfg.tau_norm == "auto":
-        metrics["tau_norm_val_balanced"] = {str(t): v for t, v in scores.items()}
-    return metrics
-
-
 def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
@@ -416,7 +366,7 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
     results = {}
     for which, state in (("last", last_state), ("best", best_state or last_state)):
         model.load_state_dict(state)
-        results[which] = test_metrics(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
+        results[which] = evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
     if best_state is None:  # no validation split
         best_epoch = len(history)
     else:

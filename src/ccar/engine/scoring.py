@@ -1,0 +1,66 @@
+"""Scoring a model on a split: logits gathered across ranks, post-hoc adjustments, metrics.
+
+Used by training (per-epoch validation, the final test evaluation), ``ccar eval`` and ``ccar predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ..errors import ConfigError
+from ..losses import posthoc_logit_adjustment
+from .config import TrainConfig
+from .decoupling import TauNorm, choose_tau, resolve_tau_norm
+from .distributed import DistContext
+from .evaluate import classification_metrics, predict
+
+
+def eval_logit_scale(cfg: TrainConfig) -> float:
+    """LDAM trains on s * (cosine - margin): evaluation scales the logits by s too, so that probabilities (ECE)
+    and post-hoc adjustment live in the units the model was trained in. Argmax is unchanged."""
+    return float(cfg.loss.scale or 30.0) if cfg.loss.uses_ldam else 1.0
+
+
+def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None,
+                   logit_scale: float = 1.0):
+    """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
+    logits, targets = predict(model, batches, prepare, device, dtype)
+    logits = logits * logit_scale
+    if ctx.enabled:
+        n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
+        logits, targets = ctx.all_gather_cat(logits.to(device)).cpu(), ctx.all_gather_cat(targets.to(device)).cpu()
+        # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
+        per = len(logits) // ctx.world_size
+        order = torch.arange(per * ctx.world_size).view(ctx.world_size, per).t().reshape(-1)
+        logits, targets = logits[order][:n], targets[order][:n]
+    if posthoc_tau:
+        logits = posthoc_logit_adjustment(logits, counts, posthoc_tau)
+    return classification_metrics(logits, targets, counts)
+
+
+def split_size(split) -> int:
+    return len(split[1]) if isinstance(split, tuple) else len(split)
+
+
+def evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
+    """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
+    tau-normalisation (``tau_norm``; ``auto`` chooses tau on the validation split, never on the test split)."""
+    def evaluate(split):
+        return evaluate_split(model, eval_batches(split), prepare, device, data.class_counts, ctx, dtype,
+                              cfg.posthoc_tau, eval_logit_scale(cfg))
+
+    tau = resolve_tau_norm(cfg.tau_norm)
+    if tau is None:
+        return evaluate(data.test)
+    if tau == "auto":
+        if not split_size(data.val):
+            raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
+        tau, scores = choose_tau(model, lambda: evaluate(data.val))
+    with TauNorm(model, tau):
+        metrics = evaluate(data.test)
+    metrics["tau_norm"] = tau
+    if cfg.tau_norm == "auto":
+        metrics["tau_norm_val_balanced"] = {str(t): v for t, v in scores.items()}
+    return metrics
