@@ -144,7 +144,8 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
             "best_epoch", "epochs", "seconds", "class_counts")
     return {"key": cell.key, "method": cell.method, "values": cell.values, "seed": cell.seed,
             "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep}, "last": {k: metrics["last"][k] for k in ("top1", "groups", "many", "medium", "few")},
-            "wall_seconds": time.perf_counter() - started, **({"stage1_top1": first} if first is not None else {})}
+            "wall_seconds": time.perf_counter() - started, **({"stage1_top1": first} if first is not None else {}),
+            **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
 
 
 def read_results(path: Path) -> List[Dict[str, Any]]:
