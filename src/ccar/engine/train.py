@@ -22,7 +22,7 @@ from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
 from .decoupling import freeze_batchnorm, prepare_retrain, project_max_norm, wrap_lws
 from .distributed import DistContext, init_distributed
 from .predict import DATA_FILE, save_data_description
-from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split
+from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
 from .sync_bn import convert_sync_batchnorm
 
 
@@ -77,8 +77,7 @@ def dataset_from_config(cfg: TrainConfig) -> LongTailData:
     return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
                          n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
                          test_fraction=cfg.test_fraction, image_size=cfg.image_size, in_memory=cfg.in_memory,
-                         progress=cfg.progress, num_classes=cfg.synthetic.num_classes, dim=cfg.synthetic.dim,
-                         separation=cfg.synthetic.separation, test_per_class=cfg.synthetic.test_per_class)
+                         progress=cfg.progress, gaussian=cfg.synthetic)
 
 
 def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
@@ -246,7 +245,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
 
     steps = len(train_loader)
     elapsed_before = elapsed  # time of earlier sessions of a resumed run (not part of this session's ETA)
-    has_val = (len(data.val[1]) if data.in_memory else len(data.val)) > 0
+    has_val = split_size(data.val) > 0
     check_every = 1 if device.type == "cpu" else 25
     bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
     for epoch in range(start_epoch, cfg.epochs):
@@ -325,7 +324,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     bar.close()
     if tb is not None:
         tb.close()
-    return finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
+    metrics = finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
+    ctx.barrier()  # every rank leaves together, after rank 0 has written the run: no rank tears down the group early
+    return metrics
 
 
 def _set_epoch(loader, epoch: int) -> None:
