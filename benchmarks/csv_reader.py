@@ -4,7 +4,8 @@ Generates a table (default 1,000,000 rows: 10 numeric feature columns, a string 
 alternating, and prints the median seconds and the ratio. The replaced reader is kept here, verbatim in behaviour
 (``csv.reader`` + ``float()`` per cell), only to measure against. pandas was chosen over pyarrow and polars: its C
 parser is a few times faster than the csv module, it is the reader most users already have, and it brings the
-categorical and missing-value handling ccar needs (pyarrow's reader is faster still, at ~40 MB more to install).
+categorical and missing-value handling ccar needs (pyarrow's reader, not measured here, would add a second and larger
+dependency).
 
     python benchmarks/csv_reader.py [--rows 1000000] [--rounds 3]
 """

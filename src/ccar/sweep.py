@@ -86,11 +86,13 @@ def load_sweep(path: str) -> Dict[str, Any]:
 def expand(spec: Dict[str, Any]) -> List[Cell]:
     """Every (method, grid values, seed) cell of the sweep, main grid first, then the studies; no duplicates."""
     base = [_as_override(k, v) for k, v in _flatten("", spec.get("base") or {}).items()]
+    from .engine.decoupling import RETRAIN_METHODS
+
     methods, stage2 = {}, {}
     for name, over in spec["methods"].items():
         over = dict(over or {})
         second = over.pop("stage2", None)
-        if second is not None and (not isinstance(second, dict) or second.get("method") not in ("crt", "lws", "ft")):
+        if second is not None and (not isinstance(second, dict) or second.get("method") not in RETRAIN_METHODS):
             raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: crt, lws or ft")
         methods[name] = [_as_override(k, v) for k, v in _flatten("", over).items()]
         stage2[name] = None if second is None else [_as_override(k, v) for k, v in _flatten("", second).items()]

@@ -17,7 +17,7 @@ from . import downloads as dl
 from .profiles import long_tail_counts, long_tail_indices, stratified_split
 from .folders import decode_all, fits_in_memory, folder_splits
 from .sources import read_cifar, read_idx_pair, read_image_list, read_inat_json
-from .synthetic import GaussianLT, balanced_accuracy, nearest_mean_predictions
+from .synthetic import GaussianLT, GaussianShape, balanced_accuracy, nearest_mean_predictions
 from .tabular import TabularPreprocessing, feature_labels, read_csv, read_feature_file, read_frame
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -85,10 +85,7 @@ class LongTailData:
 
 
 SYNTHETIC_LT = ("fashion-mnist-lt", "mnist-lt", "cifar10-lt", "cifar100-lt")
-NATURAL_LT = ("imagenet-lt", "places-lt", "inat2018")
-OWN_DATA = ("folder", "features", "csv")
-KNOWN_OPTIMUM = ("gaussian-lt",)
-DATASETS = SYNTHETIC_LT + NATURAL_LT + OWN_DATA + KNOWN_OPTIMUM
+KNOWN_OPTIMUM = ("gaussian-lt",)  # synthetic too: imbalance and n_max apply
 SOURCES = ("mnist", "fashion-mnist", "cifar10", "cifar100", "csv")
 
 _STATS = {
@@ -200,10 +197,7 @@ class DataRequest:
     image_size: int = 224  # folder, file lists
     in_memory: str = "auto"  # folder: auto | true | false
     progress: bool = True
-    num_classes: int = 100  # gaussian-lt
-    dim: int = 32  # gaussian-lt
-    separation: float = 3.0  # gaussian-lt
-    test_per_class: int = 100  # gaussian-lt
+    gaussian: GaussianShape = field(default_factory=GaussianShape)  # gaussian-lt
 
     @property
     def root(self) -> Path:
@@ -292,8 +286,8 @@ def _build_synthetic(req: DataRequest) -> LongTailData:
 
 @register_dataset("gaussian-lt")
 def _build_gaussian(req: DataRequest) -> LongTailData:
-    spec = GaussianLT(req.num_classes, req.dim, req.separation, 100.0 if req.imbalance is None else req.imbalance,
-                      req.n_max or 0, req.test_per_class)
+    spec = GaussianLT(**dataclasses.asdict(req.gaussian), imbalance=100.0 if req.imbalance is None else req.imbalance,
+                      n_max=req.n_max or 0)
     x, y, xt, yt = spec.sample()
     bayes = balanced_accuracy(nearest_mean_predictions(xt, spec.means()), yt, spec.num_classes)
     note = (f"synthetic: {spec.num_classes} Gaussian classes in {spec.dim} dimensions, separation {spec.separation:g}; "
@@ -384,3 +378,6 @@ def _build_files(req: DataRequest) -> LongTailData:
     aug = Augment(flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     counts = _counts(train.targets, num_classes, f"{name} train")
     return LongTailData(name, num_classes, train, val, test, counts, names, aug, (3, 224, 224), "files")
+
+
+DATASETS = tuple(BUILDERS)  # every name `dataset=` accepts, in registration order

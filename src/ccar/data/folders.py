@@ -97,8 +97,9 @@ def folder_splits(root: Path, test_fraction: float = 0.2, seed: int = 0):
     return ([paths[i] for i in train_pos], labels[train_pos]), ([paths[i] for i in test_pos], labels[test_pos]), names, layout
 
 
-def decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
-    """One image as uint8 (channels, size, size): shorter side resized to ``size``, centre crop; errors name it."""
+def load_image(path: Path, mode: str = "RGB"):
+    """An image file decoded by Pillow and converted to ``mode``; any decode error -- and an image above Pillow's
+    pixel limit, whose warning is raised as an error here -- is a :class:`DataError` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -106,19 +107,29 @@ def decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
             # Pillow only warns between its pixel limit and twice that; a training image that large is refused too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im = im.convert("RGB" if channels == 3 else "L")
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        array = np.asarray(im, dtype=np.uint8)
+                return im.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError,
-            ZeroDivisionError, struct.error) as exc:  # what Pillow's decoders raise on damaged files
+            ZeroDivisionError, struct.error) as exc:  # what Pillow's decoders raise on damaged files (found by fuzzing)
         raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def resize_center_crop(im, size: int, short: Optional[int] = None):
+    """Shorter side resized to ``short`` (default ``size``), then the centre ``size`` x ``size`` crop."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = (short or size) / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
+    """One image as uint8 (channels, size, size): shorter side resized to ``size``, centre crop; errors name it."""
+    array = np.asarray(resize_center_crop(load_image(path, "RGB" if channels == 3 else "L"), size), dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -164,9 +175,3 @@ def fits_in_memory(n_images: int, size: int, setting: str) -> bool:
     if setting != "auto":
         return setting == "true"
     return n_images * 3 * size * size <= IN_MEMORY_BYTES
-
-
-def describe(counts: List[int], names: List[str], limit: int = 8) -> Optional[str]:
-    order = np.argsort(counts)[::-1]
-    shown = ", ".join(f"{names[i]} {counts[i]}" for i in order[:limit])
-    return shown + (", ..." if len(names) > limit else "")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .datasets import Augment, ImageFiles
+from .folders import load_image, resize_center_crop
 from .sampling import ClassSampler, EpochSampler, shard
 
 
@@ -127,15 +128,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.files.paths[i]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                im = self._transform(im, i)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from exc
+        im = self._transform(load_image(self.files.paths[i]), i)
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         return x, int(self.files.targets[i])
 
@@ -143,14 +136,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         s = self.size
-        if not self.train:
-            short = round(s * 256 / 224)
-            w, h = im.size
-            scale = short / min(w, h)
-            im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - s) // 2, (h - s) // 2
-            return im.crop((left, top, left + s, top + s))
+        if not self.train:  # resize to 256/224 of the crop, centre crop (the ImageNet evaluation transform)
+            return resize_center_crop(im, s, short=round(s * 256 / 224))
         rng = np.random.default_rng([self.seed, i, torch.initial_seed() % (2**31)])
         w, h = im.size
         for _ in range(10):  # random-resized crop, scale (0.08, 1), ratio (3/4, 4/3)

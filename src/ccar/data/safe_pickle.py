@@ -17,8 +17,8 @@ globals are never handed to the unpickler here. Each admitted global is replaced
 Every other global (``os.system``, ``builtins.eval``, ...) is refused before any lookup, and the opcode stream is
 checked first (:func:`check_opcodes`) so that the unpickler itself cannot be made to allocate gigabytes. Anything malformed raises
 :class:`pickle.UnpicklingError` (the caller turns it into a ``DataError`` naming the file). After loading,
-:func:`plain_arrays` replaces every finished stub with its array; an unfinished stub stays a stub, which no CIFAR
-check accepts.
+:func:`plain_arrays` replaces the finished stubs among the dict's values with their arrays; any other stub stays a
+stub, which no CIFAR check accepts.
 """
 
 from __future__ import annotations
@@ -49,16 +49,7 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-class _Stub:
-    """A stand-in object of this reader; a state may be set once, through the checks of ``__setstate__``."""
-
-    __slots__ = ()
-
-    def __reduce__(self):  # never re-pickled by accident
-        raise TypeError(f"{type(self).__name__} is internal to ccar's CIFAR reader")
-
-
-class _DTypeStub(_Stub):
+class _DTypeStub:
     __slots__ = ("code", "dtype")
 
     def __init__(self, code: str) -> None:
@@ -85,7 +76,7 @@ class _DTypeStub(_Stub):
         self.dtype = dtype.newbyteorder(order) if order in "<>" else dtype
 
 
-class _ArrayStub(_Stub):
+class _ArrayStub:
     __slots__ = ("array",)
 
     def __init__(self) -> None:
@@ -108,9 +99,7 @@ def _build_array(raw, dtype, shape, order: str) -> np.ndarray:
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise _Refused(f"an array of {count} elements is larger than {MAX_ELEMENTS}")
-    if isinstance(raw, bytearray):
-        raw = bytes(raw)
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, (bytes, bytearray)):
         raise _Refused("an array's data must be raw bytes (object arrays are not allowed)")
     if len(raw) != count * dtype.dtype.itemsize:
         raise _Refused(f"an array of shape {shape} and dtype {dtype.dtype} needs {count * dtype.dtype.itemsize} "
@@ -157,10 +146,11 @@ def _reconstruct(cls=None, shape=None, typecode=None, *extra) -> _ArrayStub:
 
 
 def _frombuffer(buffer=None, dtype=None, shape=None, order="C", *extra) -> _ArrayStub:
-    if extra or _text(order, "an array order") not in ("C", "F"):
+    order = _text(order, "an array order")
+    if extra or order not in ("C", "F"):
         raise _Refused("_frombuffer called with unexpected arguments")
     stub = _ArrayStub()
-    stub.array = _build_array(buffer, dtype, shape, _text(order, "an array order"))
+    stub.array = _build_array(buffer, dtype, shape, order)
     return stub
 
 
@@ -197,15 +187,12 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent references are not allowed in a CIFAR file")
 
 
-def plain_arrays(obj: Any, _depth: int = 0) -> Any:
-    """The loaded object with every finished :class:`_ArrayStub` replaced by its array (dicts and lists, 4 deep)."""
-    if isinstance(obj, _ArrayStub):
-        return obj.array if obj.array is not None else obj
-    if _depth >= 4:
+def plain_arrays(obj: Any) -> Any:
+    """A loaded dict with every finished :class:`_ArrayStub` among its values replaced by its array (where the CIFAR
+    files keep theirs); stubs anywhere else stay stubs, which no CIFAR check accepts."""
+    if type(obj) is not dict:
         return obj
-    if type(obj) is dict:
-        return {k: plain_arrays(v, _depth + 1) for k, v in obj.items()}
-    return obj
+    return {k: v.array if isinstance(v, _ArrayStub) and v.array is not None else v for k, v in obj.items()}
 
 
 _MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
@@ -216,12 +203,12 @@ def check_opcodes(raw: bytes) -> None:
 
     CPython's unpickler sizes its memo table by the largest index it sees, so a 10-byte ``LONG_BINPUT 1260915825``
     would allocate ~10 GB before any check of ours runs (found by the fuzzer). A real pickle numbers its memo
-    entries from 0 upwards, one per opcode at most.
+    entries from 0 upwards, one per opcode at most, so an index never exceeds the number of opcodes before it.
+    One pass, holding one opcode's argument at a time.
     """
-    ops = list(pickletools.genops(raw))
-    for op, arg, pos in ops:
-        if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= len(ops)):
-            raise _Refused(f"memo index {arg} at byte {pos} is out of range for a file of {len(ops)} opcodes")
+    for n, (op, arg, pos) in enumerate(pickletools.genops(raw)):
+        if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= n):
+            raise _Refused(f"memo index {arg} at byte {pos} is out of range after {n} opcodes")
 
 
 def loads(raw: bytes) -> Any:

@@ -72,9 +72,10 @@ class ClassSampler:
                  seed: int = 0, shuffle: bool = True):
         self.targets = torch.as_tensor(targets).cpu().long()
         self.sampler, self.sampler_epoch, self.epochs, self.seed, self.shuffle = sampler, sampler_epoch, epochs, seed, shuffle
+        if sampler not in SAMPLERS:
+            raise DataError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         counts = torch.bincount(self.targets) if len(self.targets) else torch.zeros(0, dtype=torch.long)
         self.counts = counts
-        class_sampling_probs(counts.tolist() or [1], sampler)  # validates the name early
         self.order = torch.argsort(self.targets, stable=True)  # sample positions grouped by class
         self.starts = torch.cumsum(counts, 0) - counts
 

@@ -101,15 +101,15 @@ def safe_unpickle(path: Path) -> dict:
 
 
 def _int_labels(labels, path: Path, key: str) -> np.ndarray:
-    """Labels as int64 from a flat list of ints (the CIFAR files) or a 1-D integer array; never a nested object."""
+    """Labels as int64 from a flat list of ints (the CIFAR files) or a 1-D integer array; never a nested object.
+    Values outside int64 are refused here; the class range is checked by the caller."""
     if type(labels) is list and all(type(v) is int for v in labels):
-        if labels and (min(labels) < -(1 << 62) or max(labels) >= 1 << 62):
-            raise DataError(f"CIFAR: {path} '{key}' holds an integer out of range")
-        return np.asarray(labels, dtype=np.int64)
+        try:
+            return np.asarray(labels, dtype=np.int64)
+        except OverflowError:
+            raise DataError(f"CIFAR: {path} '{key}' holds an integer out of range") from None
     if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
-        if labels.dtype.kind == "u" and labels.dtype.itemsize == 8 and len(labels) and labels.max() >= 1 << 62:
-            raise DataError(f"CIFAR: {path} '{key}' holds an integer out of range")
-        return labels.astype(np.int64)
+        return labels.astype(np.int64)  # a uint64 above 2**63 wraps negative: out of range for check_labels
     raise DataError(f"CIFAR: {path} '{key}' must be a flat list of integers, found {type(labels).__name__}")
 
 

@@ -15,7 +15,7 @@ error, not how they fare on images.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -24,19 +24,31 @@ from .profiles import long_tail_counts
 
 
 @dataclass
-class GaussianLT:
+class GaussianShape:
+    """The shape of ``gaussian-lt``: the config's ``synthetic`` section."""
+
     num_classes: int = 100
     dim: int = 32
     separation: float = 3.0
+    test_per_class: int = 100
+
+    def problems(self) -> List[Tuple[str, str, object]]:
+        """(field, valid range, value) of every field out of its range; empty when all are valid."""
+        rules = [("num_classes", self.num_classes >= 2, "an integer >= 2"), ("dim", self.dim >= 1, "an integer >= 1"),
+                 ("separation", self.separation > 0, "a number > 0"),
+                 ("test_per_class", self.test_per_class >= 1, "an integer >= 1")]
+        return [(name, rule, getattr(self, name)) for name, ok, rule in rules if not ok]
+
+
+@dataclass
+class GaussianLT(GaussianShape):
     imbalance: float = 100.0
     n_max: int = 0  # 0: 5 * imbalance (the rarest class keeps 5 samples)
-    test_per_class: int = 100
     data_seed: int = 0  # the means and samples; the run's seed moves only the validation split and training
 
     def check(self) -> None:
-        if self.num_classes < 2 or self.dim < 1 or not self.separation > 0 or self.test_per_class < 1:
-            raise DataError(f"gaussian-lt needs num_classes >= 2, dim >= 1, separation > 0 and test_per_class >= 1; "
-                            f"got {self.num_classes}, {self.dim}, {self.separation}, {self.test_per_class}")
+        for name, rule, value in self.problems():
+            raise DataError(f"gaussian-lt: {name} must be {rule}, got {value!r}")
 
     def means(self) -> np.ndarray:
         rng = np.random.default_rng([self.data_seed, 1])

@@ -41,6 +41,17 @@ def label_sort_key(label: str):
         return (1, 0.0, label)
 
 
+def label_ids(labels, names: Sequence[str], where: str) -> np.ndarray:
+    """int64 ids of ``labels`` in ``names``; a label not among them is a :class:`DataError` naming it."""
+    import pandas as pd
+
+    codes = pd.Index(list(names)).get_indexer(np.asarray(labels)).astype(np.int64)  # -1: not among the names
+    if (codes < 0).any():
+        unknown = sorted(set(np.asarray(labels)[codes < 0].tolist()))
+        raise DataError(f"{where} has label {unknown[0]!r} that the training split does not have")
+    return codes
+
+
 def read_frame(path: Path):
     """A CSV file as a pandas DataFrame (header row required); unreadable files are a :class:`DataError`."""
     import pandas as pd
@@ -117,6 +128,8 @@ class TabularPreprocessing:
 
     def transform(self, frame, path: Path, with_labels: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Features float32 (N, F) and, if ``with_labels``, label ids int64 (N,)."""
+        import pandas as pd
+
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
             raise DataError(f"CSV: {path} lacks the column {missing[0]!r} that the training file has")
@@ -145,8 +158,7 @@ class TabularPreprocessing:
                                         f"{int(np.argmax(text.isna().to_numpy())) + 2}; fill it in or set csv_impute=mean")
                     text = text.fillna(self.fill[c])
                 cats = self.categorical[c]
-                index = {v: i for i, v in enumerate(cats)}
-                codes = np.array([index.get(v, -1) for v in text.tolist()], dtype=np.int64)
+                codes = pd.Index(cats).get_indexer(text.to_numpy())  # -1: a category training never had
                 onehot = np.zeros((len(codes), len(cats)), dtype=np.float64)
                 known = codes >= 0
                 onehot[np.nonzero(known)[0], codes[known]] = 1.0  # unseen categories stay all-zero
@@ -154,12 +166,7 @@ class TabularPreprocessing:
         x = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
         if not with_labels:
             return x, None
-        labels = _labels(frame, self.label_column, path)
-        index = {n: i for i, n in enumerate(self.class_names)}
-        unknown = sorted(set(labels) - set(index))
-        if unknown:
-            raise DataError(f"CSV: {path} has label {unknown[0]!r} that the training split does not have")
-        return x, np.asarray([index[v] for v in labels], dtype=np.int64)
+        return x, label_ids(_labels(frame, self.label_column, path), self.class_names, f"CSV: {path}")
 
     def save(self, path: Path, mean: Sequence[float], std: Sequence[float]) -> None:
         path.write_text(json.dumps({**asdict(self), "mean": list(mean), "std": list(std)}, indent=1))
@@ -186,13 +193,13 @@ def _first_non_numeric(col) -> Tuple[int, str]:
     return i + 2, str(col.iloc[i])
 
 
-def _labels(frame, label_column: str, path: Path) -> List[str]:
+def _labels(frame, label_column: str, path: Path) -> np.ndarray:
     col = frame[label_column]
     if col.isna().any():
         raise DataError(f"CSV: {path} label column {label_column!r} is empty at line {int(np.argmax(col.isna().to_numpy())) + 2}")
     if col.dtype.kind == "f" and (col % 1 == 0).all():
         col = col.astype(np.int64)  # "3.0" and "3" are the same class
-    return col.astype(str).str.strip().tolist()
+    return col.astype(str).str.strip().to_numpy()
 
 
 def read_csv(path: Path, label_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
@@ -200,9 +207,9 @@ def read_csv(path: Path, label_column: Optional[str] = None, class_names: Option
     """Features float32 (N, F), int64 labels and class names of one CSV file, preprocessing fitted on itself
     (``class_names``, e.g. the training file's, fixes the label ids).
 
-    >>> import tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "t.csv")
-    >>> _ = open(path, "w").write("size,colour,label\\n1.5,red,cat\\n2.0,blue,dog\\n")
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "t.csv"
+    >>> _ = path.write_text("size,colour,label\\n1.5,red,cat\\n2.0,blue,dog\\n")
     >>> x, y, names = read_csv(path)
     >>> x.tolist(), y.tolist(), names  # size, colour=blue, colour=red
     ([[1.5, 0.0, 1.0], [2.0, 1.0, 0.0]], [0, 1], ['cat', 'dog'])
@@ -227,36 +234,48 @@ def _pick(arrays: Dict[str, np.ndarray], keys, what: str, path: Path) -> np.ndar
     raise DataError(f"features: {path} has no {what} array (named {' or '.join(keys)}); it holds {', '.join(arrays) or 'nothing'}")
 
 
-def read_feature_file(root: Path, split: str) -> Tuple[np.ndarray, np.ndarray, Path]:
-    """(X float32 (N, F), y as stored, the file) of ``split`` in ``root``: .npz, .safetensors or _X/_y .npy."""
-    root = Path(root)
-    npz, st = root / f"{split}.npz", root / f"{split}.safetensors"
-    nx, ny = root / f"{split}_X.npy", root / f"{split}_y.npy"
+def _load_arrays(path: Path, what: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """The arrays of one .npz / .safetensors / .npy file (a .npy is ``X``), never unpickling anything."""
     try:
-        if npz.is_file():
-            with np.load(npz, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-            path = npz
-        elif st.is_file():
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        if path.suffix == ".safetensors":
             from safetensors.numpy import load_file
 
-            arrays, path = load_file(str(st)), st
-        elif nx.is_file() and ny.is_file():
-            arrays, path = {"X": np.load(nx, allow_pickle=False), "y": np.load(ny, allow_pickle=False)}, nx
-        else:
-            raise DataError(f"features: no {split}.npz, {split}.safetensors or {split}_X.npy + {split}_y.npy in {root}")
-    except DataError:
-        raise
+            return load_file(str(path))
+        if path.suffix == ".npy":
+            return {"X": np.load(path, allow_pickle=False)}
     except Exception as exc:  # zip/format errors, object arrays refused by allow_pickle=False, bad headers
-        raise DataError(f"features: cannot read the {split} file in {root} ({type(exc).__name__}: {exc})") from exc
-    x, y = _pick(arrays, _X_KEYS, "feature", path), _pick(arrays, _Y_KEYS, "label", path)
+        raise DataError(f"features: cannot read {what or path} ({type(exc).__name__}: {exc})") from exc
+    raise DataError(f"features: {path} is not a .npz, .safetensors or .npy file")
+
+
+def _features(arrays: Dict[str, np.ndarray], path: Path) -> np.ndarray:
+    x = _pick(arrays, _X_KEYS, "feature", path)
     if x.ndim != 2 or x.dtype.kind not in "biuf":
         raise DataError(f"features: {path} X must be a 2-D numeric array (N, F), found {x.dtype} {x.shape}")
-    if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iuU":
-        raise DataError(f"features: {path} y must be {len(x)} integer or string labels, found {y.dtype} {y.shape}")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"features: {path} X holds NaN or infinite values")
+    return x
+
+
+def read_feature_file(root: Path, split: str) -> Tuple[np.ndarray, np.ndarray, Path]:
+    """(X float32 (N, F), y as stored, the file) of ``split`` in ``root``: .npz, .safetensors or _X/_y .npy."""
+    root = Path(root)
+    nx, ny = root / f"{split}_X.npy", root / f"{split}_y.npy"
+    path = next((p for p in (root / f"{split}.npz", root / f"{split}.safetensors") if p.is_file()), None)
+    what = f"the {split} file in {root}"
+    if path is not None:
+        arrays = _load_arrays(path, what)
+    elif nx.is_file() and ny.is_file():
+        path, arrays = nx, {"X": _load_arrays(nx, what)["X"], "y": _load_arrays(ny, what)["X"]}
+    else:
+        raise DataError(f"features: no {split}.npz, {split}.safetensors or {split}_X.npy + {split}_y.npy in {root}")
+    x, y = _features(arrays, path), _pick(arrays, _Y_KEYS, "label", path)
+    if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iuU":
+        raise DataError(f"features: {path} y must be {len(x)} integer or string labels, found {y.dtype} {y.shape}")
     return x, y, path
 
 
@@ -264,26 +283,7 @@ def read_feature_rows(path: Path) -> np.ndarray:
     """X float32 (N, F) of one feature file for prediction: a .npz/.safetensors holding ``X`` (labels optional) or
     a 2-D .npy array."""
     path = Path(path)
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        elif path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            arrays = load_file(str(path))
-        elif path.suffix == ".npy":
-            arrays = {"X": np.load(path, allow_pickle=False)}
-        else:
-            raise DataError(f"features: {path} is not a .npz, .safetensors or .npy file")
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"features: cannot read {path} ({type(exc).__name__}: {exc})") from exc
-    x = _pick(arrays, _X_KEYS, "feature", path)
-    if x.ndim != 2 or x.dtype.kind not in "biuf" or not np.isfinite(x).all():
-        raise DataError(f"features: {path} X must be a finite 2-D numeric array (N, F), found {x.dtype} {x.shape}")
-    return x.astype(np.float32)
+    return _features(_load_arrays(path), path)
 
 
 def feature_labels(y_train: np.ndarray, y_test: np.ndarray, test_path: Path) -> Tuple[np.ndarray, np.ndarray, List[str]]:
@@ -296,9 +296,5 @@ def feature_labels(y_train: np.ndarray, y_test: np.ndarray, test_path: Path) -> 
         num = int(max(y_train.max(), y_test.max())) + 1
         return y_train.astype(np.int64), y_test.astype(np.int64), [str(i) for i in range(num)]
     names = sorted(set(y_train.tolist()), key=label_sort_key)
-    index = {n: i for i, n in enumerate(names)}
-    unknown = sorted(set(y_test.astype(str).tolist()) - set(index))
-    if unknown:
-        raise DataError(f"features: {test_path} has label {unknown[0]!r} that the training file does not have")
-    return (np.asarray([index[v] for v in y_train.tolist()], np.int64),
-            np.asarray([index[v] for v in y_test.astype(str).tolist()], np.int64), names)
+    return (label_ids(y_train, names, "features: the training file"),
+            label_ids(y_test.astype(str), names, f"features: {test_path}"), names)

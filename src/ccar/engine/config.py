@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..data.synthetic import GaussianShape
 from ..errors import ConfigError
 
 
@@ -77,16 +78,6 @@ class OptimConfig:
 
 
 @dataclass
-class SyntheticConfig:
-    """``dataset=gaussian-lt``: Gaussian classes with a known optimum (ccar.data.synthetic)."""
-
-    num_classes: int = 100
-    dim: int = 32
-    separation: float = 3.0
-    test_per_class: int = 100
-
-
-@dataclass
 class TrainConfig:
     dataset: str = "fashion-mnist-lt"
     data_root: Optional[str] = None
@@ -122,7 +113,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic: GaussianShape = field(default_factory=GaussianShape)  # dataset=gaussian-lt (ccar.data.synthetic)
 
     def run_dir(self) -> Path:
         if self.out:
@@ -229,8 +220,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", cfg.sampler)
     _check(0 <= cfg.sampler_epoch < cfg.epochs, "sampler_epoch", f"an epoch in 0..{cfg.epochs - 1}", cfg.sampler_epoch)
     _check(o.max_norm is None or o.max_norm > 0, "optim.max_norm", "a number > 0", o.max_norm)
-    _check(cfg.retrain in (None, "crt", "lws", "ft"), "retrain", "crt, lws or ft (use `ccar retrain RUN_DIR method=...`)",
-           cfg.retrain)
+    from .decoupling import RETRAIN_METHODS
+
+    _check(cfg.retrain is None or cfg.retrain in RETRAIN_METHODS, "retrain",
+           f"one of {', '.join(RETRAIN_METHODS)} (use `ccar retrain RUN_DIR method=...`)", cfg.retrain)
     if cfg.tau_norm is not None and cfg.tau_norm != "auto":
         try:
             tau = float(cfg.tau_norm)
@@ -242,11 +235,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.n_max is None or cfg.n_max >= 1, "n_max", "an integer >= 1 (images of the largest class)", cfg.n_max)
     _check(0 <= cfg.val_fraction < 1, "val_fraction", "a fraction in [0, 1)", cfg.val_fraction)
     _check(0 < cfg.test_fraction < 1, "test_fraction", "a fraction in (0, 1)", cfg.test_fraction)
-    g = cfg.synthetic
-    _check(g.num_classes >= 2, "synthetic.num_classes", "an integer >= 2", g.num_classes)
-    _check(g.dim >= 1, "synthetic.dim", "an integer >= 1", g.dim)
-    _check(g.separation > 0, "synthetic.separation", "a number > 0", g.separation)
-    _check(g.test_per_class >= 1, "synthetic.test_per_class", "an integer >= 1", g.test_per_class)
+    for name, rule, value in cfg.synthetic.problems():
+        _check(False, f"synthetic.{name}", rule, value)
     _check(cfg.in_memory in ("auto", "true", "false"), "in_memory", "auto, true or false", cfg.in_memory)
     _check(cfg.csv_impute in ("none", "mean"), "csv_impute", "none or mean", cfg.csv_impute)
     _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)

@@ -12,7 +12,7 @@ weight balancing (Alshammari et al. 2022).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
+RETRAIN_METHODS = ("crt", "lws", "ft")  # `ccar retrain RUN method=...`
 
 
 class LearnableWeightScaling(nn.Module):
@@ -148,7 +149,7 @@ def choose_tau(model: nn.Module, evaluate_val: Callable[[], dict], grid: Tuple[f
     return best, scores
 
 
-def resolve_tau_norm(value: Optional[str]) -> Optional[float]:
+def resolve_tau_norm(value: Optional[str]) -> Union[None, float, str]:
     """``tau_norm`` config value -> a float, None (off) or the string ``auto``."""
     if value is None:
         return None

@@ -25,18 +25,20 @@ from ..errors import ConfigError, DataError
 from ..losses import posthoc_logit_adjustment
 from . import checkpoint as ckpt
 from .config import load_config
-from .decoupling import TauNorm, choose_tau, resolve_tau_norm
+from .decoupling import TauNorm, resolve_tau_norm
 
 DATA_FILE = "data.json"
 
 
-def save_data_description(data: LongTailData, path: Path, image_size: int) -> None:
+def data_description(data: LongTailData, image_size: int) -> Dict[str, object]:
     """What predicting needs of the training data, without the data: classes, shapes, normalisation."""
-    path.write_text(json.dumps({
-        "name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-        "class_counts": data.class_counts, "input_shape": list(data.input_shape), "kind": data.kind,
-        "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": image_size,
-    }, indent=1))
+    return {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
+            "class_counts": data.class_counts, "input_shape": list(data.input_shape), "kind": data.kind,
+            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": image_size}
+
+
+def save_data_description(data: LongTailData, path: Path, image_size: int) -> None:
+    path.write_text(json.dumps(data_description(data, image_size), indent=1))
 
 
 class _Described:
@@ -69,19 +71,20 @@ def _tabular_inputs(inputs: Sequence[str], run_dir: Path, desc) -> Tuple[List[st
     from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
 
     names, blocks = [], []
+    prep = None
+    if desc.name == "csv":  # the run's fitted preprocessing, read once for every input file
+        prep_file = run_dir / "preprocessing.json"
+        if not prep_file.is_file():
+            raise ConfigError(f"{run_dir} has no preprocessing.json (trained before ccar saved it); retrain it")
+        prep, _, _ = TabularPreprocessing.load(prep_file)
     for item in inputs:
         p = Path(item)
         if not p.is_file():
             raise DataError(f"predict: input {item} is not a file")
-        if desc.name == "csv":
+        if prep is not None:
             if p.suffix.lower() != ".csv":
                 raise DataError(f"predict: {p} is not a .csv file; this run was trained on CSV rows")
-            prep_file = run_dir / "preprocessing.json"
-            if not prep_file.is_file():
-                raise ConfigError(f"{run_dir} has no preprocessing.json (trained before ccar saved it); retrain it")
-            prep, _, _ = TabularPreprocessing.load(prep_file)
-            frame = read_frame(p)
-            x, _ = prep.transform(frame, p, with_labels=False)
+            x, _ = prep.transform(read_frame(p), p, with_labels=False)
             names += [f"{p}:{i + 2}" for i in range(len(x))]  # the line in the file
         else:
             x = read_feature_rows(p)
@@ -127,27 +130,23 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     if (run_dir / DATA_FILE).is_file():
         desc = _Described(json.loads((run_dir / DATA_FILE).read_text()))
     else:  # a run from before data.json: rebuild the data description from the dataset itself
-        data = dataset_from_config(cfg)
-        desc = _Described({"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-                           "class_counts": data.class_counts, "input_shape": list(data.input_shape),
-                           "kind": data.kind, "mean": data.augment.mean, "std": data.augment.std,
-                           "image_size": cfg.image_size})
+        desc = _Described(data_description(dataset_from_config(cfg), cfg.image_size))
     device = resolve_device(cfg.device)
     model = model_from_config(cfg, desc).to(device)
     model.load_state_dict(ckpt.load_weights(weights))
     model.eval()
     dtype = amp_dtype(cfg.amp, device)
     tau = resolve_tau_norm(cfg.tau_norm)
-    if tau == "auto":  # chosen on the run's validation split, as `ccar eval` does
+    if tau == "auto":  # chosen on the run's validation split, exactly as `ccar eval` does
         from .distributed import DistContext
-        from .scoring import evaluate_split
+        from .scoring import chosen_tau, split_evaluator
         from .train import make_loaders
 
         data = dataset_from_config(cfg)
         _, eval_batches = make_loaders(data, cfg, device, DistContext())
-        tau, _ = choose_tau(model, lambda: evaluate_split(
-            model, eval_batches(data.val), lambda x: normalize(x, data.augment), device, data.class_counts,
-            DistContext(), dtype, cfg.posthoc_tau, eval_logit_scale(cfg)))
+        prepare = lambda x: normalize(x, data.augment)  # noqa: E731
+        evaluate = split_evaluator(cfg, data, model, eval_batches, prepare, device, DistContext(), dtype)
+        tau, _ = chosen_tau(cfg, data, model, evaluate)
     names, batches = _batches(desc, inputs, run_dir)
     outputs = []
     with TauNorm(model, tau) if tau is not None else contextlib.nullcontext(), torch.no_grad():

@@ -16,8 +16,7 @@ from typing import Dict, Sequence
 
 from ..errors import ConfigError
 from .config import LossConfig, apply_overrides, load_config, validate
-
-METHODS = ("crt", "lws", "ft")
+from .decoupling import RETRAIN_METHODS as METHODS
 
 
 def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):

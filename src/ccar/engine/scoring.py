@@ -5,7 +5,7 @@ Used by training (per-epoch validation, the final test evaluation), ``ccar eval`
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -44,23 +44,36 @@ def split_size(split) -> int:
     return len(split[1]) if isinstance(split, tuple) else len(split)
 
 
-def evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
-    """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
-    tau-normalisation (``tau_norm``; ``auto`` chooses tau on the validation split, never on the test split)."""
+def split_evaluator(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Callable[[object], dict]:
+    """``evaluate(split)``: metrics of ``model`` on a split of ``data`` with the run's logit scale and post-hoc LA."""
     def evaluate(split):
         return evaluate_split(model, eval_batches(split), prepare, device, data.class_counts, ctx, dtype,
                               cfg.posthoc_tau, eval_logit_scale(cfg))
 
+    return evaluate
+
+
+def chosen_tau(cfg, data, model, evaluate) -> Tuple[Optional[float], Optional[Dict[float, float]]]:
+    """The run's tau-normalisation: None (off), the configured tau, or for ``auto`` the tau chosen on the
+    validation split (never on the test split), with the validation scores of the grid."""
     tau = resolve_tau_norm(cfg.tau_norm)
+    if tau != "auto":
+        return tau, None
+    if not split_size(data.val):
+        raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
+    return choose_tau(model, lambda: evaluate(data.val))
+
+
+def evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
+    """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
+    tau-normalisation (``tau_norm``, see :func:`chosen_tau`)."""
+    evaluate = split_evaluator(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
+    tau, scores = chosen_tau(cfg, data, model, evaluate)
     if tau is None:
         return evaluate(data.test)
-    if tau == "auto":
-        if not split_size(data.val):
-            raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
-        tau, scores = choose_tau(model, lambda: evaluate(data.val))
     with TauNorm(model, tau):
         metrics = evaluate(data.test)
     metrics["tau_norm"] = tau
-    if cfg.tau_norm == "auto":
+    if scores is not None:
         metrics["tau_norm_val_balanced"] = {str(t): v for t, v in scores.items()}
     return metrics

@@ -23,7 +23,8 @@ class _GlobalBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         dims = [0] + list(range(2, x.ndim))
         shape = [1, -1] + [1] * (x.ndim - 2)
-        local = torch.stack([x.sum(dims), (x * x).sum(dims), torch.full_like(x.sum(dims), x.numel() / x.shape[1])])
+        total_x = x.sum(dims)
+        local = torch.stack([total_x, (x * x).sum(dims), torch.full_like(total_x, x.numel() / x.shape[1])])
         total = _all_reduce(local.double()).to(x.dtype)
         count = total[2]
         mean = total[0] / count

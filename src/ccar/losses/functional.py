@@ -320,14 +320,6 @@ def ccar_tables(counts: torch.Tensor, frequency: str = "sum", power_base: float 
     return CCARTables(strength * torch.log(torch.stack([power_base - freq, power_base - 1.0 + freq])))
 
 
-def _is_vmapped(tensor: torch.Tensor) -> bool:
-    """True inside a torch.func transform (vmap, grad): in-place scatter has no vmap batching rule there."""
-    if torch.compiler.is_compiling():  # traced graphs are functionalised anyway
-        return False
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(wrapped and wrapped(tensor))
-
-
 class _FusedCCAR(torch.autograd.Function):
     """Omega * w_y * focal/CE on adjusted logits z as one autograd node with a hand-written backward.
 
@@ -381,13 +373,10 @@ class _FusedCCAR(torch.autograd.Function):
         k = dloss_ds * grad_out
         if ctx.reduction == "mean":
             k = k / dloss_ds.shape[-1]
-        # d loss / d log_probs is k at the targets and 0 elsewhere; log_softmax's own backward turns it into
-        # k * (onehot - softmax(z)) in one fused pass, exactly as cross-entropy's backward does.
-        grad_log_probs = torch.zeros_like(log_probs)
-        if _is_vmapped(log_probs):  # torch.func: vmap batches scatter, not scatter_ (same result)
-            grad_log_probs = grad_log_probs.scatter(-1, targets.unsqueeze(-1), k.unsqueeze(-1))
-        else:
-            grad_log_probs.scatter_(-1, targets.unsqueeze(-1), k.unsqueeze(-1))
+        # d loss / d log_probs is k at the targets and 0 elsewhere: nll_loss's backward (reduction none) writes exactly
+        # that, and log_softmax's backward turns it into k * (onehot - softmax(z)) -- cross-entropy's own backward
+        # pair, which torch.compile traces and torch.func.vmap batches.
+        grad_log_probs = torch.ops.aten.nll_loss_backward(-k, log_probs, targets, None, 0, -100, k.new_ones(()))
         grad = torch._log_softmax_backward_data(grad_log_probs, log_probs, -1, log_probs.dtype)
         return grad, None, None, None, None, None, None, None, None
 
