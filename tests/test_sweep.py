@@ -1,13 +1,16 @@
 """ccar sweep on generated data: grid expansion, resume, report statistics, concurrency."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from ccar import ConfigError
+from ccar.report.stats import paired_ci, t_quantile
 from ccar.report.sweep_report import mean_std, paired_delta, summary_table
 from ccar.sweep import expand, load_sweep, read_results, run_sweep
+from ccar.tuning import chosen_candidate, select_runs, tune_candidates
 from conftest import make_idx_dataset
 
 
@@ -23,7 +26,7 @@ def sweep_file(tmp_path, digits, **extra):
                  "model": {"width": 4}, "optim": {"batch_size": 32}, "threads": 1},
         "seeds": [0, 1],
         "methods": {"CE": {"loss.name": "ce"}, "CCAR-CE": {"loss.name": "ccar", "loss.base": "ce"}},
-        "report": {"per_class": ["CE", "CCAR-CE"], "baselines": {"CCAR-CE": "CE"}, "omega": ["CCAR-CE"]},
+        "report": {"per_class": ["CE", "CCAR-CE"], "baselines": {"CCAR-CE": "CE"}, "knobs": {"loss.omega": 0.75}},
         **extra,
     }
     path = tmp_path / "sweep.yaml"
@@ -40,6 +43,9 @@ def test_expand_grid_and_studies(tmp_path, digits):
     assert cells[-1].key == "CCAR-CE/imbalance=5/loss.omega=0.75/seed=1"
     with pytest.raises(ConfigError, match="unknown sweep key 'method'"):
         (tmp_path / "bad.yaml").write_text("method: {}\n")
+        load_sweep(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="unknown report key 'omega'; valid: metric, reference"):
+        (tmp_path / "bad.yaml").write_text("methods: {CE: {}}\nreport: {omega: [CE]}\n")
         load_sweep(str(tmp_path / "bad.yaml"))
 
 
@@ -95,7 +101,10 @@ def test_report_statistics_on_known_inputs():
     better = [run(0, 55.0), run(1, 57.5), run(2, 59.0)]
     d = paired_delta(better, base)
     assert d["mean"] == pytest.approx(5.1666666, rel=1e-6) and d["verdict"] == "helps"
-    assert paired_delta([run(0, 50.1), run(1, 51.9), run(2, 54.2)], base)["verdict"] == "within seed noise"
+    # diffs 5, 5.5, 5: mean 5.1667, sd 0.2887, t(0.975, 2) = 4.3027 -> half-width 0.7172
+    assert d["low"] == pytest.approx(5.1666666 - 0.71715, abs=1e-4) and d["high"] == pytest.approx(5.88382, abs=1e-4)
+    assert paired_delta([run(0, 50.1), run(1, 51.9), run(2, 54.2)], base)["verdict"] == "no clear difference"
+    assert paired_delta([run(0, 49.0), run(1, 51.2), run(2, 52.9)], base)["verdict"] == "hurts"
     table = summary_table({"A": base, "B": better}, ["A", "B"])
     assert "| B | 3 | **57.2 ± 2.0** |" in table and "| A | 3 | 52.0 ± 2.0 |" in table
 
@@ -116,3 +125,78 @@ def test_two_stage_methods_run_both_stages_as_one_cell(tmp_path, digits):
     assert rows["CB-RS"]["config"]["sampler"] == "class-balanced"
     with pytest.raises(ConfigError, match="stage2 must be a mapping with method"):
         expand({"methods": {"X": {"stage2": {"epochs": 1}}}})
+
+
+def test_t_quantiles_match_tables():
+    # two-sided 95 % critical values from any t table
+    for df, value in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)):
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-3)
+    assert paired_ci([0.3])["verdict"] == "one seed: no interval"
+
+
+def _row(method, seed, val, test, tuned=None, values=None):
+    return {"method": method, "seed": seed, "values": values or {}, "tuned": tuned or {},
+            "metrics": {"val_balanced": val, "top1": test}}
+
+
+def test_tuning_chooses_on_validation_only_and_reuses_the_choice():
+    spec = {"methods": {"CE": {"loss.name": "ce"}, "LA": {"loss.name": "la", "tune": {"loss.tau": [0.5, 1.0, 1.5]}}},
+            "seeds": [0, 1, 2]}
+    cands = tune_candidates("LA", spec["methods"]["LA"])
+    assert cands == [{"loss.tau": 0.5}, {"loss.tau": 1.0}, {"loss.tau": 1.5}]
+    assert tune_candidates("VS", {"tune": [{"loss.gamma": 0.1, "loss.tau": 1.0}, {"loss.gamma": 0.2}]})[0] == \
+        {"loss.gamma": 0.1, "loss.tau": 1.0}
+    with pytest.raises(ConfigError, match="tune must map keys"):
+        tune_candidates("X", {"tune": {"loss.tau": []}})
+    pending = []
+    first = expand(spec, [], pending)
+    assert [c.key for c in first if c.method == "LA"] == ["LA/loss.tau=0.5/seed=0", "LA/loss.tau=1.0/seed=0",
+                                                          "LA/loss.tau=1.5/seed=0"]
+    assert len(pending) == 2 and len([c for c in first if c.method == "CE"]) == 3
+    # the test score would pick tau = 0.5; validation picks 1.5, and only validation counts
+    rows = [_row("LA", 0, 60.0, 90.0, {"loss.tau": 0.5}), _row("LA", 0, 61.0, 10.0, {"loss.tau": 1.0}),
+            _row("LA", 0, 62.0, 11.0, {"loss.tau": 1.5})]
+    assert chosen_candidate(rows, "LA", {}, cands, 0) == {"loss.tau": 1.5}
+    assert chosen_candidate(rows[:2], "LA", {}, cands, 0) is None  # not every candidate has run
+    later = [c for c in expand(spec, rows) if c.method == "LA" and c.seed > 0]
+    assert [c.key for c in later] == ["LA/loss.tau=1.5/seed=1", "LA/loss.tau=1.5/seed=2"]
+    assert "loss.tau=1.5" in later[0].overrides
+    reported, records = select_runs(rows + [_row("LA", 1, 50.0, 50.0, {"loss.tau": 1.5})], spec)
+    assert [r["seed"] for r in reported] == [0, 1] and all(r["tuned"] == {"loss.tau": 1.5} for r in reported)
+    assert records[0]["chosen"] == {"loss.tau": 1.5} and records[0]["candidates"][0] == ({"loss.tau": 0.5}, 60.0)
+
+
+def test_mapping_grid_values_set_several_keys_together():
+    spec = {"methods": {"CE": {}}, "grid": {"synthetic": [{"num_classes": 3, "dim": 2}, {"num_classes": 5, "dim": 4}]}}
+    cells = expand(spec)
+    assert cells[1].key == "CE/synthetic.dim=4/synthetic.num_classes=5/seed=0"
+    assert "synthetic.num_classes=5" in cells[1].overrides and "synthetic.dim=4" in cells[1].overrides
+
+
+def test_tuned_sweep_end_to_end_and_report_only_regenerates(tmp_path, digits):
+    path = sweep_file(tmp_path, digits, runs=str(tmp_path / "run-folders"), methods={
+        "CE": {"loss.name": "ce"}, "CCAR-CE": {"loss.name": "ccar", "loss.base": "ce", "tune": {"loss.omega": [0.5, 0.9]}}},
+        report={"baselines": {"CCAR-CE": "CE"}, "curves": ["CE", "CCAR-CE"], "metric": "balanced"})
+    report = run_sweep(str(path), log=lambda *_: None)
+    rows = read_results(tmp_path / "sweep" / "results.jsonl")
+    assert len(rows) == 2 + 2 + 1  # CE x 2 seeds, CCAR-CE: 2 candidates on seed 0, the chosen one on seed 1
+    assert (tmp_path / "run-folders" / rows[0]["key"] / "metrics.json").is_file()
+    assert all(len(r["history"]) == 1 and "val_balanced" in r["history"][0] for r in rows)
+    text = report.read_text()
+    assert "## Tuned knobs" in text and "95 % CI" in text and "| CCAR-CE − CE |" in text
+    assert (tmp_path / "sweep" / "convergence.png").is_file()
+    report.unlink()
+    again = run_sweep(str(path), report_only=True, log=lambda *_: None)
+    assert again.read_text() == text
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_sweep_files_expand_to_valid_configs(path):
+    from ccar.engine.config import load_config
+
+    spec = load_sweep(str(path))
+    cells = expand(spec)
+    assert cells
+    for cell in {c.method + str(c.values): c for c in cells}.values():  # one cell per method and setting
+        load_config(None, cell.overrides)  # unknown keys, wrong types and out-of-range values raise

@@ -2,18 +2,27 @@
 
 A sweep file (YAML)::
 
-    out: runs/sweep-fmnist          # sweep folder: results.jsonl, report.md, figures, one folder per run
+    out: runs/sweep-fmnist          # sweep folder: results.jsonl, report.md, figures
+    runs: runs/sweep-fmnist/runs    # one folder per run (default: <out>/runs); keep it out of git
     jobs: 1                         # runs at once (CPU threads are split between them)
     base: {dataset: fashion-mnist-lt, epochs: 8}     # overrides shared by every run
     seeds: [0, 1, 2]
-    grid: {imbalance: [100, 50, 10]}                 # cartesian product over these keys
+    grid: {imbalance: [100, 50, 10]}                 # cartesian product over these keys (a mapping value sets
+                                                     # several keys together: synthetic: [{num_classes: 100, dim: 8}];
+                                                     # `setting: [{name: A, dataset: csv, ...}]`: named settings)
     methods:                                          # name -> overrides
       CE: {loss.name: ce}
       CCAR-LA: {loss.name: ccar, loss.base: la}
       CE+cRT: {loss.name: ce, stage2: {method: crt, epochs: 10}}   # two stages as one cell (`ccar retrain`)
+      LA: {loss.name: la, tune: {loss.tau: [0.5, 1.0, 1.5]}}       # a knob chosen on validation (below)
     studies:                                          # extra grids for some methods (e.g. an omega sweep)
       - {methods: [CCAR-LA], grid: {loss.omega: [0.5, 0.9], imbalance: [100]}}
     report: {per_class: [CE, CCAR-LA], omega: [CCAR-LA], baselines: {CCAR-LA: LA}}
+
+Tuning: a method's ``tune`` (a mapping of key -> candidate values, crossed, or a list of override mappings) is
+tried on the first seed only; the candidate with the best balanced accuracy on that seed's validation split is then
+run on the other seeds (:func:`chosen_candidate`, the test split plays no part). Give every method a grid of the
+same size for an equal tuning budget. Rows record the candidate in ``tuned``.
 
 Each finished run appends one line to ``results.jsonl`` (written by this process only, so concurrent runs never
 mix); an interrupted sweep skips finished cells and resumes a half-finished run from its checkpoint.
@@ -27,15 +36,17 @@ import json
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from .errors import ConfigError
+from .tuning import _flatten, chosen_candidate, tune_candidates
 
-SWEEP_KEYS = ("out", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
+SWEEP_KEYS = ("out", "runs", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
+REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels")
 
 
 @dataclass
@@ -45,20 +56,28 @@ class Cell:
     seed: int
     overrides: List[str]
     stage2: Optional[List[str]] = None  # `ccar retrain` overrides (method=crt|lws, ...) for two-stage methods
+    tuned: Dict[str, Any] = field(default_factory=dict)  # this cell's candidate of the method's `tune` grid
 
     @property
     def key(self) -> str:
-        parts = [self.method] + [f"{k}={v}" for k, v in sorted(self.values.items())] + [f"seed={self.seed}"]
+        flat = {}
+        for k, v in self.values.items():
+            flat.update({k: v["name"]} if k == "setting" and "name" in v else _flatten(k, v))
+        parts = ([self.method] + [f"{k}={v}" for k, v in sorted(flat.items())]
+                 + [f"{k}={v}" for k, v in sorted(self.tuned.items())] + [f"seed={self.seed}"])
         return "/".join(parts)
 
 
-def _flatten(prefix: str, value) -> Dict[str, Any]:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return {prefix: value}
+def grid_overrides(key: str, value) -> Dict[str, Any]:
+    """The config overrides of one grid value: ``key=value``; a mapping sets ``key.sub`` keys together; under the
+    key ``setting`` a mapping is a whole named setting (any config keys; ``name`` labels it in keys and reports).
+
+    >>> grid_overrides("setting", {"name": "small", "dataset": "csv", "model": {"hidden": [8]}})
+    {'dataset': 'csv', 'model.hidden': [8]}
+    """
+    if key == "setting" and isinstance(value, dict):
+        return _flatten("", {k: v for k, v in value.items() if k != "name"})
+    return _flatten(key, value)
 
 
 def _as_override(key: str, value) -> str:
@@ -78,25 +97,35 @@ def load_sweep(path: str) -> Dict[str, Any]:
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; valid: {', '.join(SWEEP_KEYS)}")
+    report = spec.get("report") or {}
+    unknown = sorted(set(report) - set(REPORT_KEYS)) if isinstance(report, dict) else ["(not a mapping)"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown report key {unknown[0]!r}; valid: {', '.join(REPORT_KEYS)}")
     if not spec.get("methods") or not isinstance(spec["methods"], dict):
         raise ConfigError(f"{path}: 'methods' must map method names to config overrides")
     return spec
 
 
-def expand(spec: Dict[str, Any]) -> List[Cell]:
-    """Every (method, grid values, seed) cell of the sweep, main grid first, then the studies; no duplicates."""
+def expand(spec: Dict[str, Any], rows: Optional[List[Dict[str, Any]]] = None, pending: Optional[list] = None) -> List[Cell]:
+    """Every (method, grid values, seed) cell of the sweep, main grid first, then the studies; no duplicates.
+
+    A tuned method contributes its candidates on the first seed, and its other seeds once ``rows`` (the results so
+    far) hold every candidate's run; until then those cells are left out (counted in ``pending`` if given).
+    """
     base = [_as_override(k, v) for k, v in _flatten("", spec.get("base") or {}).items()]
     from .engine.decoupling import RETRAIN_METHODS
 
-    methods, stage2 = {}, {}
+    methods, stage2, candidates = {}, {}, {}
     for name, over in spec["methods"].items():
         over = dict(over or {})
+        candidates[name] = tune_candidates(name, over)
+        over.pop("tune", None)
         second = over.pop("stage2", None)
         if second is not None and (not isinstance(second, dict) or second.get("method") not in RETRAIN_METHODS):
             raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: crt, lws or ft")
         methods[name] = [_as_override(k, v) for k, v in _flatten("", over).items()]
         stage2[name] = None if second is None else [_as_override(k, v) for k, v in _flatten("", second).items()]
-    seeds = spec.get("seeds") or [0]
+    seeds = [int(s) for s in spec.get("seeds") or [0]]
     blocks = [(list(methods), spec.get("grid") or {})]
     for study in spec.get("studies") or []:
         names = study.get("methods") or list(methods)
@@ -105,17 +134,34 @@ def expand(spec: Dict[str, Any]) -> List[Cell]:
             raise ConfigError(f"sweep study names unknown method {missing[0]!r}; methods: {', '.join(methods)}")
         blocks.append((names, study.get("grid") or {}))
     cells, seen = [], set()
+
+    def add(name, values, seed, tuned):
+        over = (base + methods[name] + [_as_override(fk, fv) for k, v in values.items()
+                                        for fk, fv in grid_overrides(k, v).items()]
+                + [_as_override(k, v) for k, v in tuned.items()] + [f"seed={seed}"])
+        cell = Cell(name, values, seed, over, stage2[name], dict(tuned))
+        if cell.key not in seen:
+            seen.add(cell.key)
+            cells.append(cell)
+
     for names, grid in blocks:
         keys = list(grid)
         for combo in itertools.product(*[grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]):
             values = dict(zip(keys, combo))
             for name in names:
-                for seed in seeds:
-                    over = base + methods[name] + [_as_override(k, v) for k, v in values.items()] + [f"seed={seed}"]
-                    cell = Cell(name, values, int(seed), over, stage2[name])
-                    if cell.key not in seen:
-                        seen.add(cell.key)
-                        cells.append(cell)
+                if len(candidates[name]) == 1:
+                    for seed in seeds:
+                        add(name, values, seed, candidates[name][0])
+                    continue
+                for tuned in candidates[name]:
+                    add(name, values, seeds[0], tuned)
+                chosen = chosen_candidate(rows or [], name, values, candidates[name], seeds[0])
+                if chosen is None:
+                    if pending is not None:
+                        pending.extend(seeds[1:])
+                    continue
+                for seed in seeds[1:]:
+                    add(name, values, seed, chosen)
     return cells
 
 
@@ -143,11 +189,19 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
                              + ([f"threads={threads}"] if threads else []))
         metrics = train(cfg, resume=(Path(out2) / "checkpoint.safetensors").exists(), log=lambda *_: None)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
-            "best_epoch", "epochs", "seconds", "class_counts")
-    return {"key": cell.key, "method": cell.method, "values": cell.values, "seed": cell.seed,
-            "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep}, "last": {k: metrics["last"][k] for k in ("top1", "groups", "many", "medium", "few")},
+            "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy")
+    return {"key": cell.key, "method": cell.method, "values": cell.values, "tuned": cell.tuned, "seed": cell.seed,
+            "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep if k in metrics},
+            "last": {k: metrics["last"][k] for k in ("top1", "balanced", "groups", "many", "medium", "few")},
+            "history": _history(cfg.run_dir()),
             "wall_seconds": time.perf_counter() - started, **({"stage1_top1": first} if first is not None else {}),
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
+
+
+def _history(run_dir: Path) -> List[Dict[str, Any]]:
+    """The per-epoch curve of a run (training loss and accuracy, validation accuracy), for convergence plots."""
+    rows = read_results(Path(run_dir) / "log.jsonl")
+    return [{k: h.get(k) for k in ("epoch", "loss", "train_top1", "val_top1", "val_balanced")} for h in rows]
 
 
 def read_results(path: Path) -> List[Dict[str, Any]]:
@@ -174,14 +228,17 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     results_path = folder / "results.jsonl"
-    cells = expand(spec)
+    runs_root = Path(spec.get("runs") or folder / "runs")
     if not report_only:
-        done = {r["key"] for r in read_results(results_path)}
-        todo = [c for c in cells if c.key not in done]
         jobs = max(1, int(jobs or spec.get("jobs") or 1))
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-        log(f"sweep {path}: {len(cells)} runs, {len(cells) - len(todo)} already done, {jobs} at a time -> {folder}")
-        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="run", dynamic_ncols=True)
+        pending: list = []
+        cells = expand(spec, read_results(results_path), pending)
+        done = {r["key"] for r in read_results(results_path)}
+        total = len(cells) + len(pending)
+        log(f"sweep {path}: {total} runs, {len([c for c in cells if c.key in done])} already done, "
+            f"{jobs} at a time -> {folder}")
+        bar = tqdm(total=total, initial=len([c for c in cells if c.key in done]), unit="run", dynamic_ncols=True)
         with open(results_path, "a") as sink:
             def record(row):
                 sink.write(json.dumps(row) + "\n")
@@ -189,15 +246,21 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                 bar.update(1)
                 bar.set_postfix_str(f"{row['key']}: top-1 {row['metrics']['top1']:.1f}")
 
-            if jobs == 1:
-                for cell in todo:
-                    record(_run_cell(cell, str(folder / "runs" / cell.key), threads))
-            else:
-                ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-                    futures = [pool.submit(_run_cell, c, str(folder / "runs" / c.key), threads) for c in todo]
-                    for fut in cf.as_completed(futures):
-                        record(fut.result())
+            while True:  # a tuned method's other seeds become ready once its candidates have run
+                rows = read_results(results_path)
+                done = {r["key"] for r in rows}
+                todo = [c for c in expand(spec, rows) if c.key not in done]
+                if not todo:
+                    break
+                if jobs == 1:
+                    for cell in todo:
+                        record(_run_cell(cell, str(runs_root / cell.key), threads))
+                else:
+                    ctx = multiprocessing.get_context("spawn")
+                    with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                        futures = [pool.submit(_run_cell, c, str(runs_root / c.key), threads) for c in todo]
+                        for fut in cf.as_completed(futures):
+                            record(fut.result())
         bar.close()
     report = write_report(folder, spec, read_results(results_path), source=path)
     log(f"report: {report}")

@@ -1,8 +1,20 @@
-"""The sweep report: mean ± std over seeds per method and setting, paired CCAR-vs-base deltas, figures."""
+"""The sweep report: mean ± std over seeds per method and setting, paired CCAR-vs-base 95 % intervals, figures.
+
+Everything here is a function of ``results.jsonl`` (one line per run), so ``ccar sweep FILE --report-only``
+regenerates the same tables and figures from committed results. Options (the sweep file's ``report`` section)::
+
+    metric: balanced              # headline column: balanced (mean per-class recall) or top1
+    reference: bayes_balanced_accuracy   # a metrics key holding the best achievable score: adds a "gap" column
+    baselines: {CCAR-LA: LA}      # paired comparisons (method − base, same seed)
+    per_class: [CE, CCAR-LA]      # per-class accuracy vs training count
+    curves: [CE]                  # convergence: training loss and validation accuracy per epoch
+    knobs: {loss.omega: 0.75}     # study grids over these keys: a curve against the value (the default is the main grid's)
+    labels: {model.hidden: {"[]": linear}}   # names for grid values in headings
+"""
 
 from __future__ import annotations
 
-import math
+import json
 import platform
 from collections import OrderedDict
 from pathlib import Path
@@ -11,144 +23,206 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .plots import _plt, finish_figure
+from .stats import mean_std, paired_ci
 
-COLUMNS = [  # (label, getter, higher is better)
-    ("top-1", lambda m: m["top1"], True),
-    ("many", lambda m: m["many"], True),
-    ("medium", lambda m: m["medium"], True),
-    ("few", lambda m: m["few"], True),
-    ("head", lambda m: m["groups"]["head"], True),
-    ("middle", lambda m: m["groups"]["middle"], True),
-    ("tail", lambda m: m["groups"]["tail"], True),
-    ("ECE", lambda m: m["ece"], False),
-]
+GROUPS = [("many", lambda m: m["many"]), ("medium", lambda m: m["medium"]), ("few", lambda m: m["few"]),
+          ("head", lambda m: m["groups"]["head"]), ("middle", lambda m: m["groups"]["middle"]),
+          ("tail", lambda m: m["groups"]["tail"])]
+METRIC_LABELS = {"balanced": "balanced acc.", "top1": "top-1"}
 
 
-def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
-    """Mean and sample standard deviation (ddof = 1; 0 for one value) of the non-missing values.
-
-    >>> mean_std([1.0, 2.0, 3.0])
-    (2.0, 1.0, 3)
-    """
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    arr = np.asarray(vals, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, len(arr)
+def _key(value) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 def _setting(row) -> Tuple:
-    return tuple(sorted((k, v) for k, v in row["values"].items()))
+    return tuple(sorted((k, _key(v)) for k, v in row["values"].items()))
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, str) and v[:1] in "{[":
+        v = json.loads(v)
+    if isinstance(v, dict) and "name" in v:
+        return str(v["name"])
+    if isinstance(v, dict):
+        return ", ".join(f"{k} = {x}" for k, x in v.items())
+    if isinstance(v, str) and "/" in v:
+        return v.rstrip("/").rsplit("/", 1)[-1]  # a data folder: its name
+    return str(v)
+
+
+LABELS: Dict[str, Dict[str, str]] = {}  # the report's `labels` (key -> value -> name), set by write_report
 
 
 def _setting_name(setting: Tuple) -> str:
-    return ", ".join(f"{k} = {v}" for k, v in setting) or "all runs"
+    parts = []
+    for k, v in setting:
+        text = _fmt_value(v)
+        if text in LABELS.get(k, {}):
+            parts.append(LABELS[k][text])
+        elif k == "setting" or (isinstance(v, str) and (v[:1] == "{" or "/" in v)):
+            parts.append(text)
+        else:
+            parts.append(f"{k} = {text}")
+    return ", ".join(parts) or "all runs"
+
+
+def _tag(setting: Tuple) -> str:
+    """A file-name-safe tag of a setting, e.g. ``linear_num_classes100-separation3.0``."""
+    words = []
+    for k, v in setting:
+        text = LABELS.get(k, {}).get(_fmt_value(v)) or _fmt_value(v).replace(" = ", "")
+        words.append("".join(c if c.isalnum() or c in ".-" else "-" for c in text.replace(", ", "-")).strip("-"))
+    return "_".join(w for w in words if w) or "all"
 
 
 def aggregate(rows: List[Dict[str, Any]]) -> "OrderedDict[Tuple, OrderedDict[str, List[dict]]]":
-    """setting -> method -> list of metrics dicts (one per seed), in first-seen order."""
+    """setting -> method -> list of rows (one per seed), in first-seen order."""
     out: "OrderedDict[Tuple, OrderedDict[str, List[dict]]]" = OrderedDict()
     for row in rows:
         out.setdefault(_setting(row), OrderedDict()).setdefault(row["method"], []).append(row)
     return out
 
 
-def _cell(mean, std, n, bold=False) -> str:
+def _cell(mean, std, n, bold=False, digits=1) -> str:
     if mean is None:
         return "—"
-    text = f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"  # no spread from a single seed
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"  # no spread from one seed
     return f"**{text}**" if bold else text
 
 
-def summary_table(methods: "OrderedDict[str, List[dict]]", order: Sequence[str]) -> str:
-    stats = {name: [mean_std([get(r["metrics"]) for r in runs]) for _, get, _ in COLUMNS] for name, runs in methods.items()}
+def _columns(metric: str, reference: Optional[str]):
+    cols = [(METRIC_LABELS.get(metric, metric), lambda m: m[metric], True)]
+    if reference:
+        cols.append(("gap to optimum", lambda m: (m[reference] - m[metric]) if m.get(reference) is not None else None, False))
+    cols += [(name, get, True) for name, get in GROUPS] + [("ECE", lambda m: m["ece"], False)]
+    return cols
+
+
+def summary_table(methods: "OrderedDict[str, List[dict]]", order: Sequence[str], metric: str = "top1",
+                  reference: Optional[str] = None) -> str:
+    """One row per method: mean ± sample std over seeds of every column; bold = best mean of the column."""
+    cols = _columns(metric, reference)
+    stats = {n: [mean_std([get(r["metrics"]) for r in runs]) for _, get, _ in cols] for n, runs in methods.items()}
     names = [m for m in order if m in stats] + [m for m in stats if m not in order]
     best = []
-    for j, (_, _, higher) in enumerate(COLUMNS):
+    for j, (_, _, higher) in enumerate(cols):
         means = [stats[n][j][0] for n in names if stats[n][j][0] is not None]
         best.append((max(means) if higher else min(means)) if means else None)
-    lines = ["| method | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| method | seeds | " + " | ".join(c[0] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for n in names:
-        seeds = len(methods[n])
         cells = [_cell(*stats[n][j], bold=best[j] is not None and stats[n][j][0] is not None
-                       and abs(stats[n][j][0] - best[j]) < 1e-9) for j in range(len(COLUMNS))]
-        lines.append(f"| {n} | {seeds} | " + " | ".join(cells) + " |")
+                       and abs(stats[n][j][0] - best[j]) < 1e-9) for j in range(len(cols))]
+        lines.append(f"| {n} | {len(methods[n])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def paired_delta(runs: List[dict], base_runs: List[dict]) -> Optional[Dict[str, float]]:
-    """Top-1 of a method minus its base, paired by seed (same data subset and split): mean, std, verdict."""
-    by_seed = {r["seed"]: r["metrics"]["top1"] for r in base_runs}
-    diffs = [r["metrics"]["top1"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+def paired_delta(runs: List[dict], base_runs: List[dict], metric: str = "top1") -> Optional[Dict[str, float]]:
+    """``metric`` of a method minus its base, paired by seed, with the 95 % paired t interval and a verdict."""
+    by_seed = {r["seed"]: r["metrics"][metric] for r in base_runs}
+    diffs = [r["metrics"][metric] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
     if not diffs:
         return None
-    mean, std, n = mean_std(diffs)
-    base_std = mean_std(list(by_seed.values()))[1]
-    se = std / math.sqrt(n) if n > 1 else float("inf")
-    if n < 2:
-        verdict = "one seed: no verdict"
-    elif abs(mean) <= 2 * se:
-        verdict = "within seed noise"
-    else:
-        verdict = "helps" if mean > 0 else "hurts"
-    return {"mean": mean, "std": std, "n": n, "base_seed_std": base_std, "verdict": verdict}
+    return {**paired_ci(diffs), "base_seed_std": mean_std(list(by_seed.values()))[1]}
 
 
-def _bar_figure(path: Path, methods, order, title) -> Optional[Path]:
+def _interval(d) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.2f} (one seed)"
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def best_method(methods, metric: str) -> Tuple[str, float, float]:
+    name = max(methods, key=lambda n: mean_std([r["metrics"][metric] for r in methods[n]])[0])
+    mean, std, _ = mean_std([r["metrics"][metric] for r in methods[name]])
+    return name, mean, std
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+
+
+def _bar_figure(path: Path, methods, order, title, getters, ylabel, ylim=None) -> Optional[Path]:
+    """Grouped bars: one group per method, one bar per getter (mean ± std over seeds)."""
     plt = _plt()
     if plt is None:
         return None
-    groups = ("head", "middle", "tail")
     names = [m for m in order if m in methods]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) + 2), 3.8), dpi=110)
-    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.8), dpi=110)
+    width = 0.8 / len(getters)
     x = np.arange(len(names))
-    for i, g in enumerate(groups):
-        stats = [mean_std([r["metrics"]["groups"][g] for r in methods[n]]) for n in names]
-        ax.bar(x + (i - 1) * width, [s[0] or 0 for s in stats], width, yerr=[s[1] or 0 for s in stats],
-               capsize=2, label=f"{g} third")
+    for i, (label, get) in enumerate(getters):
+        stats = [mean_std([get(r) for r in methods[n]]) for n in names]
+        ax.bar(x + (i - (len(getters) - 1) / 2) * width, [s[0] or 0 for s in stats], width,
+               yerr=[s[1] or 0 for s in stats], capsize=2, label=label)
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=min(len(getters), 4))
     ax.grid(axis="y", alpha=0.3)
-    lo = min((min(v for v in (r["metrics"]["groups"][g] for n in names for r in methods[n]) if v is not None)
-              for g in groups), default=0)
-    ax.set_ylim(max(0, lo - 10), 100)
+    if ylim:
+        ax.set_ylim(*ylim)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def _omega_figure(path: Path, rows, methods: Sequence[str], fixed: Dict[str, Any]) -> Optional[Path]:
+def _curve_figure(path: Path, settings, names: Sequence[str]) -> Optional[Path]:
+    """Training loss and validation balanced accuracy per epoch (mean over seeds), one column per setting."""
+    plt = _plt()
+    if plt is None or not settings:
+        return None
+    fig, axes = plt.subplots(2, len(settings), figsize=(3.4 * len(settings) + 0.6, 5.2), dpi=110, squeeze=False)
+    for j, (setting, methods) in enumerate(settings):
+        for name in names:
+            runs = [r for r in methods.get(name, []) if r.get("history")]
+            if not runs:
+                continue
+            epochs = min(len(r["history"]) for r in runs)
+            xs = np.arange(1, epochs + 1)
+            for i, key in enumerate(("loss", "val_balanced")):
+                ys = np.array([[h[key] if h[key] is not None else np.nan for h in r["history"][:epochs]] for r in runs])
+                axes[i, j].plot(xs, np.nanmean(ys, 0), label=name)
+        axes[0, j].set_title(_setting_name(setting), fontsize=8)
+        axes[1, j].set_xlabel("epoch")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("val. balanced acc. (%)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("convergence (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _knob_figure(path: Path, knob: str, default, main, studies, metric: str) -> Optional[Path]:
+    """The headline metric against a knob's value: one line per (setting, method) that has a study over it."""
     plt = _plt()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=110)
-    plotted = False
-    for name in methods:
-        by_omega: Dict[float, List[float]] = {}
-        for r in rows:
-            others = {k: v for k, v in r["values"].items() if k != "loss.omega"}
-            if r["method"] != name or any(others.get(k) != v for k, v in fixed.items()):
-                continue
-            omega = float(r["values"].get("loss.omega", r["config"]["loss"]["omega"] or 0.75))
-            by_omega.setdefault(omega, []).append(r["metrics"]["top1"])
-        if len(by_omega) < 2:
+    lines = OrderedDict()
+    for setting, methods in studies:
+        keys = dict(setting)
+        if knob not in keys:
             continue
-        xs = sorted(by_omega)
-        stats = [mean_std(by_omega[o]) for o in xs]
-        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=name)
-        plotted = True
-    if not plotted:
-        plt.close(fig)
+        rest = tuple((k, v) for k, v in setting if k != knob)
+        for name, runs in methods.items():
+            lines.setdefault((rest, name), {})[keys[knob]] = [r["metrics"][metric] for r in runs]
+    if not lines:
         return None
-    ax.set_xlabel("ω (confidence pivot)")
-    ax.set_ylabel("test top-1 (%), mean ± std")
-    title = "ω sensitivity" + (f" ({_setting_name(tuple(sorted(fixed.items())))})" if fixed else "")
-    return finish_figure(plt, fig, ax, path, title)
+    fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=110)
+    for (rest, name), by_value in lines.items():
+        if default is not None and name in main.get(rest, {}):
+            by_value.setdefault(default, [r["metrics"][metric] for r in main[rest][name]])
+        xs = sorted(by_value, key=lambda v: (isinstance(v, str), v))
+        stats = [mean_std(by_value[x]) for x in xs]
+        ax.errorbar([str(x) if isinstance(x, str) else x for x in xs], [s[0] for s in stats],
+                    yerr=[s[1] for s in stats], marker="o", capsize=3, label=f"{name} — {_setting_name(rest)}")
+    ax.set_xlabel(knob + (f" (default {default})" if default is not None else ""))
+    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)} (%), mean ± std")
+    return finish_figure(plt, fig, ax, path, f"sensitivity to {knob}")
 
 
 def _hardware() -> str:
@@ -168,65 +242,138 @@ def _hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}"
 
 
+# --- the report ---------------------------------------------------------------------------------------------------
+
+
 def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]], source: str = "") -> Path:
+    from ..tuning import select_runs
     from .plots import per_class_figure
 
     folder = Path(folder)
     order = list(spec["methods"])
-    report_cfg = spec.get("report") or {}
-    table = aggregate(rows)
+    cfg = spec.get("report") or {}
+    metric, reference = cfg.get("metric", "top1"), cfg.get("reference")
+    LABELS.clear()
+    LABELS.update({k: {str(_fmt_value(_key(v))): str(name) for v, name in (m or {}).items()}
+                   for k, m in (cfg.get("labels") or {}).items()})
+    label = METRIC_LABELS.get(metric, metric)
+    reported, tuning = select_runs(rows, spec)
+    table = aggregate(reported)
     main_keys = set((spec.get("grid") or {}).keys())
+    main = OrderedDict((s, m) for s, m in table.items() if {k for k, _ in s} == main_keys)
+    studies = [(s, m) for s, m in table.items() if {k for k, _ in s} != main_keys]
+    minutes = sum(r["wall_seconds"] for r in rows) / 60
     lines = [f"# Sweep report: `{source or folder}`", "",
-             f"Reproduce: `ccar sweep {source}`  ·  {len(rows)} runs  ·  "
-             f"{sum(r['wall_seconds'] for r in rows) / 60:.1f} min of training in total "
-             f"({np.mean([r['wall_seconds'] for r in rows]) if rows else 0:.0f} s per run)  ·  {_hardware()}", "",
-             "Test accuracy (%) of the model chosen on the validation split (best balanced validation accuracy), "
-             "mean ± sample std over seeds; bold = best mean in the column (lowest for ECE). Shot groups by training "
-             "count (many > 100, medium 20–100, few < 20; — where a group has no class) and head/middle/tail thirds "
-             "by class rank.", ""]
-    figures = []
-    for setting, methods in table.items():
-        if {k for k, _ in setting} != main_keys:
-            continue  # study settings get their own table below
-        lines += [f"## {_setting_name(setting)}", "", summary_table(methods, order), ""]
-        deltas = []
-        for method, base in (report_cfg.get("baselines") or {}).items():
-            if method in methods and base in methods:
-                d = paired_delta(methods[method], methods[base])
-                if d:
-                    deltas.append(f"| {method} − {base} | {d['mean']:+.2f} | {d['std']:.2f} | {d['base_seed_std']:.2f} | {d['n']} | {d['verdict']} |")
-        if deltas:
-            lines += ["CCAR against its base, top-1 paired by seed (same subset and split):", "",
-                      "| comparison | Δ mean | Δ std | base seed std | seeds | verdict (|Δ| > 2 SE) |", "|---|---|---|---|---|---|",
-                      *deltas, ""]
-        tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in setting) or "all"
-        bar = _bar_figure(folder / f"groups_{tag}.png", methods, order, f"accuracy by class-rank third — {_setting_name(setting)}")
-        chosen = [m for m in report_cfg.get("per_class", []) if m in methods]
+             f"Reproduce: `ccar sweep {source}` (tables and figures from the committed `results.jsonl`: add "
+             f"`--report-only`)  ·  {len(rows)} runs ({len(reported)} reported, the rest tuning candidates)  ·  "
+             f"{minutes:.1f} min of training in total  ·  {_hardware()}", "",
+             f"Test {label} (%) of the model chosen on the validation split (best balanced validation accuracy), "
+             "mean ± sample std over seeds; bold = best mean in the column (lowest for gap and ECE). Shot groups by "
+             "training count (many > 100, medium 20–100, few < 20; — where a group has no class) and head/middle/"
+             "tail thirds by class rank. Comparisons are paired by seed: Δ mean with its 95 % paired-t interval "
+             "[low, high]; the verdict says \"helps\" or \"hurts\" only when the interval excludes 0.", ""]
+    summary = ["## Summary", "", f"| setting | best method ({label}) | " + " | ".join(
+        f"{m} − {b}" for m, b in (cfg.get("baselines") or {}).items()) + " |",
+        "|---|---|" + "---|" * len(cfg.get("baselines") or {})]
+    body, figures = [], []
+    for setting, methods in main.items():
+        name, mean, std = best_method(methods, metric)
+        cells = []
+        deltas = ["| comparison | Δ mean | 95 % CI | seeds | base seed std | verdict |", "|---|---|---|---|---|---|"]
+        for method, base in (cfg.get("baselines") or {}).items():
+            d = paired_delta(methods[method], methods[base], metric) if method in methods and base in methods else None
+            cells.append(f"{_interval(d)} {d['verdict']}" if d else "—")
+            if d:
+                ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "—"
+                deltas.append(f"| {method} − {base} | {d['mean']:+.2f} | {ci} | {d['n']} | {d['base_seed_std']:.2f} | {d['verdict']} |")
+        summary.append(f"| {_setting_name(setting)} | {name} {mean:.1f} ± {std:.1f} | " + " | ".join(cells) + " |")
+        tag = _tag(setting)
+        body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference), ""]
+        if len(deltas) > 2:
+            body += [f"CCAR against its base, test {label} paired by seed:", "", *deltas, ""]
+        bar = _bar_figure(folder / f"groups_{tag}.png", methods, order, f"accuracy by class-rank third — {_setting_name(setting)}",
+                          [(f"{g} third", (lambda g: lambda r: r["metrics"]["groups"][g])(g)) for g in ("head", "middle", "tail")],
+                          "test accuracy (%), mean ± std over seeds", (0, 100))
+        chosen = [m for m in cfg.get("per_class", []) if m in methods]
         per_class = None
         if chosen:
             counts = methods[chosen[0]][0]["metrics"]["class_counts"]
-            series = {m: [mean_std([r["metrics"]["per_class"][c] for r in methods[m]])[0] for c in range(len(counts))] for m in chosen}
-            per_class = per_class_figure(folder / f"per_class_{tag}.png", counts, series, f"per-class accuracy (mean over seeds) — {_setting_name(setting)}")
+            series = {m: [mean_std([r["metrics"]["per_class"][c] for r in methods[m]])[0] for c in range(len(counts))]
+                      for m in chosen}
+            per_class = per_class_figure(folder / f"per_class_{tag}.png", counts, series,
+                                         f"per-class accuracy (mean over seeds) — {_setting_name(setting)}")
         for fig in (bar, per_class):
             if fig is not None:
                 figures.append(fig)
-                lines += [f"![{fig.stem}]({fig.name})", ""]
-    studies = [(s, m) for s, m in table.items() if {k for k, _ in s} != main_keys]
-    if studies:
-        lines += ["## Studies", ""]
-        lines += ["| setting | method | seeds | top-1 | head | middle | tail |", "|---|---|---|---|---|---|---|"]
-        for setting, methods in studies:
-            for name, runs in methods.items():
-                cells = [_cell(*mean_std([get(r["metrics"]) for r in runs])) for label, get, _ in COLUMNS if label in ("top-1", "head", "middle", "tail")]
-                lines.append(f"| {_setting_name(setting)} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
-        lines.append("")
-    omega_methods = report_cfg.get("omega") or []
-    if omega_methods:
-        fixed = report_cfg.get("omega_at") or {}
-        fig = _omega_figure(folder / "omega_sensitivity.png", rows, omega_methods, fixed)
+                body += [f"![{fig.stem}]({fig.name})", ""]
+    lines += summary + [""]
+    if reference and main:
+        fig = _gap_figure(folder / "gap_to_optimum.png", main, order, metric, reference)
         if fig is not None:
             figures.append(fig)
-            lines += ["## ω sensitivity", "", f"![omega sensitivity]({fig.name})", ""]
+            lines += [f"![gap to the optimum]({fig.name})", ""]
+    lines += body
+    curves = [m for m in cfg.get("curves", order[:1])]
+    fig = _curve_figure(folder / "convergence.png", list(main.items()), curves)
+    if fig is not None:
+        figures.append(fig)
+        lines += ["## Convergence", "", f"![convergence]({fig.name})", ""]
+    if tuning:
+        lines += ["## Tuned knobs", "", f"Each candidate trained on seed {tuning[0]['seed']}; chosen by balanced "
+                  "accuracy on that seed's validation split (in brackets), then reused for every seed.", "",
+                  "| setting | method | candidates (val. balanced acc.) | chosen |", "|---|---|---|---|"]
+        for t in tuning:
+            cands = ", ".join(f"{_knobs(c)} ({s:.1f})" if s is not None else _knobs(c) for c, s in t["candidates"])
+            lines.append(f"| {_setting_name(_setting(t))} | {t['method']} | {cands} | {_knobs(t['chosen'])} |")
+        lines.append("")
+    if studies:
+        lines += ["## Studies", "", f"Δ: the study run minus the same method in the main grid (same setting, paired "
+                  "by seed), 95 % paired-t interval.", "",
+                  f"| setting | method | seeds | {label} | head | middle | tail | Δ vs main grid [95 % CI] | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for setting, methods in studies:
+            rest = tuple((k, v) for k, v in setting if k in main_keys)
+            for name, runs in methods.items():
+                cells = [_cell(*mean_std([get(r["metrics"]) for r in runs])) for get in
+                         (lambda m: m[metric], lambda m: m["groups"]["head"], lambda m: m["groups"]["middle"],
+                          lambda m: m["groups"]["tail"])]
+                d = paired_delta(runs, main[rest][name], metric) if name in main.get(rest, {}) else None
+                lines.append(f"| {_setting_name(setting)} | {name} | {len(runs)} | " + " | ".join(cells)
+                             + f" | {_interval(d) if d else '—'} | {d['verdict'] if d else '—'} |")
+        lines.append("")
+        for knob, default in (cfg.get("knobs") or {}).items():
+            fig = _knob_figure(folder / f"knob_{knob.split('.')[-1]}.png", knob, default, main, studies, metric)
+            if fig is not None:
+                figures.append(fig)
+                lines += [f"![{knob}]({fig.name})", ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def _knobs(candidate: Dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]} = {v}" for k, v in candidate.items())
+
+
+def _gap_figure(path: Path, main, order, metric: str, reference: str) -> Optional[Path]:
+    """Gap to the best achievable score per setting (grouped bars, mean ± std over seeds)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    settings = list(main)
+    names = [m for m in order if any(m in main[s] for s in settings)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(settings) + 2), 3.8), dpi=110)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        stats = [mean_std([r["metrics"][reference] - r["metrics"][metric] for r in main[s].get(name, [])]) for s in settings]
+        ax.bar(np.arange(len(settings)) + (i - (len(names) - 1) / 2) * width, [s[0] or 0 for s in stats], width,
+               yerr=[s[1] or 0 for s in stats], capsize=2, label=name)
+    ax.set_xticks(np.arange(len(settings)), [_setting_name(s).replace(", ", "\n") for s in settings], fontsize=7)
+    ax.set_ylabel(f"optimum − test {METRIC_LABELS.get(metric, metric)} (points)")
+    ax.set_title("gap to the best achievable score (lower is better)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
