@@ -273,6 +273,8 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                         for fut in finished:
                             record(fut.result())
         bar.close()
-    report = write_report(folder, spec, read_results(results_path), source=path)
+    rows = read_results(results_path)
+    cells = {c.key for c in expand(spec, rows)}
+    report = write_report(folder, spec, [r for r in rows if r["key"] in cells], source=path)  # runs the file still names
     log(f"report: {report}")
     return report

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import _plt, finish_figure
+from .plots import _plt
 from .stats import mean_std, paired_ci
 
 GROUPS = [("many", lambda m: m["many"]), ("medium", lambda m: m["medium"]), ("few", lambda m: m["few"]),
@@ -198,31 +198,39 @@ def _curve_figure(path: Path, settings, names: Sequence[str]) -> Optional[Path]:
 
 
 def _knob_figure(path: Path, knob: str, default, main, studies, metric: str) -> Optional[Path]:
-    """The headline metric against a knob's value: one line per (setting, method) that has a study over it."""
+    """The headline metric against a knob's value: one panel per setting (own y scale), one line per method."""
     plt = _plt()
     if plt is None:
         return None
-    lines = OrderedDict()
+    panels: "OrderedDict[Tuple, OrderedDict[str, Dict]]" = OrderedDict()
     for setting, methods in studies:
         keys = dict(setting)
         if knob not in keys:
             continue
         rest = tuple((k, v) for k, v in setting if k != knob)
         for name, runs in methods.items():
-            lines.setdefault((rest, name), {})[keys[knob]] = [r["metrics"][metric] for r in runs]
-    if not lines:
+            panels.setdefault(rest, OrderedDict()).setdefault(name, {})[keys[knob]] = [r["metrics"][metric] for r in runs]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=110)
-    for (rest, name), by_value in lines.items():
-        if default is not None and name in main.get(rest, {}):
-            by_value.setdefault(default, [r["metrics"][metric] for r in main[rest][name]])
-        xs = sorted(by_value, key=lambda v: (isinstance(v, str), v))
-        stats = [mean_std(by_value[x]) for x in xs]
-        ax.errorbar([str(x) if isinstance(x, str) else x for x in xs], [s[0] for s in stats],
-                    yerr=[s[1] for s in stats], marker="o", capsize=3, label=f"{name} — {_setting_name(rest)}")
-    ax.set_xlabel(knob + (f" (default {default})" if default is not None else ""))
-    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)} (%), mean ± std")
-    return finish_figure(plt, fig, ax, path, f"sensitivity to {knob}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 3.6), dpi=110, squeeze=False)
+    for ax, (rest, lines) in zip(axes[0], panels.items()):
+        for name, by_value in lines.items():
+            if default is not None and name in main.get(rest, {}):
+                by_value.setdefault(default, [r["metrics"][metric] for r in main[rest][name]])
+            xs = sorted(by_value, key=lambda v: (isinstance(v, str), v))
+            stats = [mean_std(by_value[x]) for x in xs]
+            ax.errorbar([str(x) if isinstance(x, str) else x for x in xs], [s[0] for s in stats],
+                        yerr=[s[1] for s in stats], marker="o", capsize=3, label=name)
+        ax.set_title(_setting_name(rest), fontsize=9)
+        ax.set_xlabel(knob + (f" (default {default})" if default is not None else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel(f"test {METRIC_LABELS.get(metric, metric)} (%), mean ± std")
+    fig.suptitle(f"sensitivity to {knob}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _hardware() -> str:
