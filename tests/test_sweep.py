@@ -200,3 +200,16 @@ def test_shipped_sweep_files_expand_to_valid_configs(path):
     assert cells
     for cell in {c.method + str(c.values): c for c in cells}.values():  # one cell per method and setting
         load_config(None, cell.overrides)  # unknown keys, wrong types and out-of-range values raise
+
+
+STUDIES = sorted(p.parent.name for p in (Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/results.jsonl"))
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_committed_reports_regenerate_from_committed_results(study, tmp_path, monkeypatch):
+    """docs/results/<study>/report.md is exactly what `ccar sweep configs/sweeps/<study>.yaml --report-only` writes."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    (tmp_path / "results.jsonl").write_bytes((root / "docs" / "results" / study / "results.jsonl").read_bytes())
+    report = run_sweep(f"configs/sweeps/{study}.yaml", out=str(tmp_path), report_only=True, log=lambda *_: None)
+    assert report.read_text() == (root / "docs" / "results" / study / "report.md").read_text()

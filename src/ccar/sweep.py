@@ -169,6 +169,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
     """Train one cell (in this process or a worker); returns its results line."""
     from .engine.config import apply_overrides, load_config, to_dict
     from .engine.train import train
+    from .report.sweep_report import hardware
 
     cfg = load_config(None, cell.overrides)
     apply_overrides(cfg, [f"out={run_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
@@ -194,7 +195,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
             "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep if k in metrics},
             "last": {k: metrics["last"][k] for k in ("top1", "balanced", "groups", "many", "medium", "few")},
             "history": _history(cfg.run_dir()),
-            "wall_seconds": time.perf_counter() - started, **({"stage1_top1": first} if first is not None else {}),
+            "wall_seconds": time.perf_counter() - started, "hardware": hardware(), **({"stage1_top1": first} if first is not None else {}),
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
 
 

@@ -233,7 +233,8 @@ def _knob_figure(path: Path, knob: str, default, main, studies, metric: str) -> 
     return path
 
 
-def _hardware() -> str:
+def hardware() -> str:
+    """CPU model and cores, GPU, torch version of this machine (recorded with every sweep run)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -274,7 +275,8 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
     lines = [f"# Sweep report: `{source or folder}`", "",
              f"Reproduce: `ccar sweep {source}` (tables and figures from the committed `results.jsonl`: add "
              f"`--report-only`)  ·  {len(rows)} runs ({len(reported)} reported, the rest tuning candidates)  ·  "
-             f"{minutes:.1f} min of training in total  ·  {_hardware()}", "",
+             f"{minutes:.1f} min of training in total  ·  "
+             f"{'; '.join(sorted({r.get('hardware') or 'hardware not recorded' for r in rows}))}", "",
              f"Test {label} (%) of the model chosen on the validation split (best balanced validation accuracy), "
              "mean ± sample std over seeds; bold = best mean in the column (lowest for gap and ECE). Shot groups by "
              "training count (many > 100, medium 20–100, few < 20; — where a group has no class) and head/middle/"
