@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .errors import ConfigError
-from .tuning import _flatten, chosen_candidate, tune_candidates
+from .tuning import chosen_candidate, flatten, tune_candidates
 
 SWEEP_KEYS = ("out", "runs", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
 REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels")
@@ -62,7 +62,7 @@ class Cell:
     def key(self) -> str:
         flat = {}
         for k, v in self.values.items():
-            flat.update({k: v["name"]} if k == "setting" and "name" in v else _flatten(k, v))
+            flat.update({k: v["name"]} if k == "setting" and "name" in v else flatten(k, v))
         parts = ([self.method] + [f"{k}={v}" for k, v in sorted(flat.items())]
                  + [f"{k}={v}" for k, v in sorted(self.tuned.items())] + [f"seed={self.seed}"])
         return "/".join(parts)
@@ -76,8 +76,8 @@ def grid_overrides(key: str, value) -> Dict[str, Any]:
     {'dataset': 'csv', 'model.hidden': [8]}
     """
     if key == "setting" and isinstance(value, dict):
-        return _flatten("", {k: v for k, v in value.items() if k != "name"})
-    return _flatten(key, value)
+        return flatten("", {k: v for k, v in value.items() if k != "name"})
+    return flatten(key, value)
 
 
 def _as_override(key: str, value) -> str:
@@ -112,7 +112,7 @@ def expand(spec: Dict[str, Any], rows: Optional[List[Dict[str, Any]]] = None, pe
     A tuned method contributes its candidates on the first seed, and its other seeds once ``rows`` (the results so
     far) hold every candidate's run; until then those cells are left out (counted in ``pending`` if given).
     """
-    base = [_as_override(k, v) for k, v in _flatten("", spec.get("base") or {}).items()]
+    base = [_as_override(k, v) for k, v in flatten("", spec.get("base") or {}).items()]
     from .engine.decoupling import RETRAIN_METHODS
 
     methods, stage2, candidates = {}, {}, {}
@@ -123,8 +123,8 @@ def expand(spec: Dict[str, Any], rows: Optional[List[Dict[str, Any]]] = None, pe
         second = over.pop("stage2", None)
         if second is not None and (not isinstance(second, dict) or second.get("method") not in RETRAIN_METHODS):
             raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: crt, lws or ft")
-        methods[name] = [_as_override(k, v) for k, v in _flatten("", over).items()]
-        stage2[name] = None if second is None else [_as_override(k, v) for k, v in _flatten("", second).items()]
+        methods[name] = [_as_override(k, v) for k, v in flatten("", over).items()]
+        stage2[name] = None if second is None else [_as_override(k, v) for k, v in flatten("", second).items()]
     seeds = [int(s) for s in spec.get("seeds") or [0]]
     blocks = [(list(methods), spec.get("grid") or {})]
     for study in spec.get("studies") or []:
@@ -234,12 +234,12 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
         jobs = max(1, int(jobs or spec.get("jobs") or 1))
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
         pending: list = []
-        cells = expand(spec, read_results(results_path), pending)
-        done = {r["key"] for r in read_results(results_path)}
-        total = len(cells) + len(pending)
-        log(f"sweep {path}: {total} runs, {len([c for c in cells if c.key in done])} already done, "
-            f"{jobs} at a time -> {folder}")
-        bar = tqdm(total=total, initial=len([c for c in cells if c.key in done]), unit="run", dynamic_ncols=True)
+        rows = read_results(results_path)
+        cells = expand(spec, rows, pending)
+        done = {r["key"] for r in rows}
+        n_done = sum(c.key in done for c in cells)
+        log(f"sweep {path}: {len(cells) + len(pending)} runs, {n_done} already done, {jobs} at a time -> {folder}")
+        bar = tqdm(total=len(cells) + len(pending), initial=n_done, unit="run", dynamic_ncols=True)
         with open(results_path, "a") as sink:
             def record(row):
                 sink.write(json.dumps(row) + "\n")

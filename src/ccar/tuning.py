@@ -13,11 +13,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from .errors import ConfigError
 
 
-def _flatten(prefix: str, value) -> Dict[str, Any]:
+def flatten(prefix: str, value) -> Dict[str, Any]:
+    """Nested mappings as dotted keys: ``flatten("", {"loss": {"tau": 1}}) == {"loss.tau": 1}``."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
         return out
     return {prefix: value}
 
@@ -36,9 +37,15 @@ def tune_candidates(name: str, over: Dict[str, Any]) -> List[Dict[str, Any]]:
         keys = list(tune)
         return [dict(zip(keys, combo)) for combo in itertools.product(*tune.values())]
     if isinstance(tune, list) and tune and all(isinstance(c, dict) and c for c in tune):
-        return [_flatten("", c) for c in tune]
+        return [flatten("", c) for c in tune]
     raise ConfigError(f"sweep method {name!r}: tune must map keys to non-empty lists of values, "
                       f"or be a list of override mappings")
+
+
+def _scores(rows: List[Dict[str, Any]], method: str, values: Dict[str, Any], seed: int) -> Dict[str, Optional[float]]:
+    """Balanced validation accuracy of each candidate's run on ``seed`` (keyed by the candidate as sorted JSON)."""
+    return {json.dumps(r.get("tuned") or {}, sort_keys=True): r["metrics"].get("val_balanced")
+            for r in rows if r["method"] == method and r["seed"] == seed and r["values"] == values}
 
 
 def chosen_candidate(rows: List[Dict[str, Any]], method: str, values: Dict[str, Any], candidates: List[Dict[str, Any]],
@@ -47,14 +54,11 @@ def chosen_candidate(rows: List[Dict[str, Any]], method: str, values: Dict[str, 
     until every candidate has run. The test split plays no part in the choice."""
     if len(candidates) == 1:
         return candidates[0]
-    scores = {}
-    for r in rows:
-        if r["method"] == method and r["seed"] == seed and r["values"] == values:
-            scores[json.dumps(r.get("tuned") or {}, sort_keys=True)] = r["metrics"].get("val_balanced") or -1.0
+    scores = _scores(rows, method, values, seed)
     keys = [json.dumps(c, sort_keys=True) for c in candidates]
     if any(k not in scores for k in keys):
         return None
-    return candidates[max(range(len(keys)), key=lambda i: (scores[keys[i]], -i))]
+    return candidates[max(range(len(keys)), key=lambda i: (scores[keys[i]] or -1.0, -i))]
 
 
 def select_runs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -63,21 +67,20 @@ def select_runs(rows: List[Dict[str, Any]], spec: Dict[str, Any]) -> Tuple[List[
     A tuning record is {method, values, seed, candidates: [(candidate, validation balanced accuracy)], chosen}.
     """
     methods = spec.get("methods") or {}
-    seeds = [int(s) for s in spec.get("seeds") or [0]]
-    keep, records, seen = [], [], set()
+    seed = int((spec.get("seeds") or [0])[0])
+    keep, records, chosen_for = [], [], {}
     for r in rows:
-        cands = tune_candidates(r["method"], dict(methods.get(r["method"]) or {})) if r["method"] in methods else [{}]
+        cands = tune_candidates(r["method"], dict(methods.get(r["method"]) or {}))
         if len(cands) == 1:
             keep.append(r)
             continue
-        chosen = chosen_candidate(rows, r["method"], r["values"], cands, seeds[0])
-        if chosen is not None and (r.get("tuned") or {}) == chosen:
-            keep.append(r)
         tag = (r["method"], json.dumps(r["values"], sort_keys=True))
-        if tag not in seen and chosen is not None:
-            seen.add(tag)
-            scores = {json.dumps(x.get("tuned") or {}, sort_keys=True): x["metrics"].get("val_balanced")
-                      for x in rows if x["method"] == r["method"] and x["values"] == r["values"] and x["seed"] == seeds[0]}
-            records.append({"method": r["method"], "values": r["values"], "seed": seeds[0], "chosen": chosen,
-                            "candidates": [(c, scores.get(json.dumps(c, sort_keys=True))) for c in cands]})
+        if tag not in chosen_for:  # once per (method, setting)
+            chosen_for[tag] = chosen_candidate(rows, r["method"], r["values"], cands, seed)
+            if chosen_for[tag] is not None:
+                scores = _scores(rows, r["method"], r["values"], seed)
+                records.append({"method": r["method"], "values": r["values"], "seed": seed, "chosen": chosen_for[tag],
+                                "candidates": [(c, scores.get(json.dumps(c, sort_keys=True))) for c in cands]})
+        if chosen_for[tag] is not None and (r.get("tuned") or {}) == chosen_for[tag]:
+            keep.append(r)
     return keep, records

@@ -141,23 +141,23 @@ def best_method(methods, metric: str) -> Tuple[str, float, float]:
 # --- figures ------------------------------------------------------------------------------------------------------
 
 
-def _bar_figure(path: Path, methods, order, title, getters, ylabel, ylim=None) -> Optional[Path]:
-    """Grouped bars: one group per method, one bar per getter (mean ± std over seeds)."""
+def _bar_figure(path: Path, groups: Sequence[str], series: Dict[str, List[List[float]]], title: str, ylabel: str,
+                ylim=None, tick_style=None) -> Optional[Path]:
+    """Grouped bars: one group per x label, one bar per series (mean ± std of that group's values)."""
     plt = _plt()
     if plt is None:
         return None
-    names = [m for m in order if m in methods]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.8), dpi=110)
-    width = 0.8 / len(getters)
-    x = np.arange(len(names))
-    for i, (label, get) in enumerate(getters):
-        stats = [mean_std([get(r) for r in methods[n]]) for n in names]
-        ax.bar(x + (i - (len(getters) - 1) / 2) * width, [s[0] or 0 for s in stats], width,
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * max(1, len(series) / 3) + 2), 3.8), dpi=110)
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for i, (label, per_group) in enumerate(series.items()):
+        stats = [mean_std(values) for values in per_group]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [s[0] or 0 for s in stats], width,
                yerr=[s[1] or 0 for s in stats], capsize=2, label=label)
-    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(x, groups, **(tick_style or {"rotation": 35, "ha": "right", "fontsize": 8}))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, ncol=min(len(getters), 4))
+    ax.legend(fontsize=8, ncol=min(len(series), 4))
     ax.grid(axis="y", alpha=0.3)
     if ylim:
         ax.set_ylim(*ylim)
@@ -301,8 +301,11 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
         body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference), ""]
         if len(deltas) > 2:
             body += [f"CCAR against its base, test {label} paired by seed:", "", *deltas, ""]
-        bar = _bar_figure(folder / f"groups_{tag}.png", methods, order, f"accuracy by class-rank third — {_setting_name(setting)}",
-                          [(f"{g} third", (lambda g: lambda r: r["metrics"]["groups"][g])(g)) for g in ("head", "middle", "tail")],
+        names = [m for m in order if m in methods]
+        bar = _bar_figure(folder / f"groups_{tag}.png", names,
+                          {f"{g} third": [[r["metrics"]["groups"][g] for r in methods[n]] for n in names]
+                           for g in ("head", "middle", "tail")},
+                          f"accuracy by class-rank third — {_setting_name(setting)}",
                           "test accuracy (%), mean ± std over seeds", (0, 100))
         chosen = [m for m in cfg.get("per_class", []) if m in methods]
         per_class = None
@@ -318,7 +321,12 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
                 body += [f"![{fig.stem}]({fig.name})", ""]
     lines += summary + [""]
     if reference and main:
-        fig = _gap_figure(folder / "gap_to_optimum.png", main, order, metric, reference)
+        names = [m for m in order if any(m in methods for methods in main.values())]
+        fig = _bar_figure(folder / "gap_to_optimum.png", [_setting_name(s).replace(", ", "\n") for s in main],
+                          {n: [[r["metrics"][reference] - r["metrics"][metric] for r in methods.get(n, [])]
+                               for methods in main.values()] for n in names},
+                          "gap to the best achievable score (lower is better)",
+                          f"optimum − test {METRIC_LABELS.get(metric, metric)} (points)", tick_style={"fontsize": 7})
         if fig is not None:
             figures.append(fig)
             lines += [f"![gap to the optimum]({fig.name})", ""]
@@ -363,27 +371,3 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
 
 def _knobs(candidate: Dict[str, Any]) -> str:
     return ", ".join(f"{k.split('.')[-1]} = {v}" for k, v in candidate.items())
-
-
-def _gap_figure(path: Path, main, order, metric: str, reference: str) -> Optional[Path]:
-    """Gap to the best achievable score per setting (grouped bars, mean ± std over seeds)."""
-    plt = _plt()
-    if plt is None:
-        return None
-    settings = list(main)
-    names = [m for m in order if any(m in main[s] for s in settings)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(settings) + 2), 3.8), dpi=110)
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        stats = [mean_std([r["metrics"][reference] - r["metrics"][metric] for r in main[s].get(name, [])]) for s in settings]
-        ax.bar(np.arange(len(settings)) + (i - (len(names) - 1) / 2) * width, [s[0] or 0 for s in stats], width,
-               yerr=[s[1] or 0 for s in stats], capsize=2, label=name)
-    ax.set_xticks(np.arange(len(settings)), [_setting_name(s).replace(", ", "\n") for s in settings], fontsize=7)
-    ax.set_ylabel(f"optimum − test {METRIC_LABELS.get(metric, metric)} (points)")
-    ax.set_title("gap to the best achievable score (lower is better)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
