@@ -109,6 +109,23 @@ def test_report_statistics_on_known_inputs():
     assert "| B | 3 | **57.2 ± 2.0** |" in table and "| A | 3 | 52.0 ± 2.0 |" in table
 
 
+def test_last_epoch_check_reads_the_last_models_scores():
+    def run(seed, best, last):
+        groups = {"head": best, "middle": best, "tail": best}
+        return {"seed": seed, "metrics": {"top1": best, "many": best, "medium": None, "few": None, "groups": groups,
+                                          "ece": 1.0}, "last": {"top1": last}}
+
+    base = [run(0, 50.0, 60.0), run(1, 52.0, 61.0), run(2, 54.0, 62.0)]
+    other = [run(0, 55.0, 60.0), run(1, 57.5, 61.1), run(2, 59.0, 61.9)]
+    assert paired_delta(other, base)["verdict"] == "helps"
+    last = paired_delta(other, base, which="last")  # diffs 0, 0.1, -0.1
+    assert last["mean"] == pytest.approx(0.0, abs=1e-9) and last["verdict"] == "no clear difference"
+    assert paired_delta(other, [{"seed": 0, "metrics": {}}], which="last") is None  # rows without a last model
+    table = summary_table({"A": base, "B": other}, ["A", "B"], last_epoch=True)
+    assert "| method | seeds | top-1 | last epoch | many |" in table
+    assert "| A | 3 | 52.0 ± 2.0 | **61.0 ± 1.0** |" in table
+
+
 def test_two_stage_methods_run_both_stages_as_one_cell(tmp_path, digits):
     path = sweep_file(tmp_path, digits, seeds=[0], methods={
         "CE": {"loss.name": "ce"},
@@ -213,3 +230,50 @@ def test_committed_reports_regenerate_from_committed_results(study, tmp_path, mo
     (tmp_path / "results.jsonl").write_bytes((root / "docs" / "results" / study / "results.jsonl").read_bytes())
     report = run_sweep(f"configs/sweeps/{study}.yaml", out=str(tmp_path), report_only=True, log=lambda *_: None)
     assert report.read_text() == (root / "docs" / "results" / study / "report.md").read_text()
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_to_the_sweep_stops_its_workers(tmp_path, digits):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = sweep_file(tmp_path, digits)
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["epochs"] = 200  # long enough that the workers are still training when the signal comes
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "ccar", "sweep", str(path), "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "sweep" / "runs").glob("*/*/checkpoint*")):
+            time.sleep(0.5)  # a worker has finished an epoch: both are up and training
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "the sweep never started its workers"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{w}").exists() for w in workers), "pool workers outlived the sweep"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # only if the test failed: the workers outlived the sweep
+            if Path(f"/proc/{w}").exists():
+                os.kill(w, signal.SIGKILL)

@@ -17,7 +17,7 @@ A sweep file (YAML)::
       LA: {loss.name: la, tune: {loss.tau: [0.5, 1.0, 1.5]}}       # a knob chosen on validation (below)
     studies:                                          # extra grids for some methods (e.g. an omega sweep)
       - {methods: [CCAR-LA], grid: {loss.omega: [0.5, 0.9], imbalance: [100]}}
-    report: {per_class: [CE, CCAR-LA], omega: [CCAR-LA], baselines: {CCAR-LA: LA}}
+    report: {per_class: [CE, CCAR-LA], knobs: {loss.omega: 0.75}, baselines: {CCAR-LA: LA}, last_epoch: true}
 
 Tuning: a method's ``tune`` (a mapping of key -> candidate values, crossed, or a list of override mappings) is
 tried on the first seed only; the candidate with the best balanced accuracy on that seed's validation split is then
@@ -31,10 +31,13 @@ mix); an interrupted sweep skips finished cells and resumes a half-finished run 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ from .errors import ConfigError
 from .tuning import chosen_candidate, flatten, tune_candidates
 
 SWEEP_KEYS = ("out", "runs", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
-REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels")
+REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels", "last_epoch")
 
 
 @dataclass
@@ -218,6 +221,27 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+@contextlib.contextmanager
+def _workers_stop_with_us():
+    """A SIGTERM to the sweep (``kill PID``) also stops its pool workers. Ctrl-C reaches them through the process
+    group, but a plain ``kill`` reaches this process only, and the workers would go on training their cells — into
+    the same run folders a restarted sweep resumes. A stopped run keeps its last per-epoch checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, report_only: bool = False,
               log=print) -> Path:
     from tqdm.auto import tqdm
@@ -262,7 +286,7 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                     record(_run_cell(todo[0], str(runs_root / todo[0].key), threads))
             else:
                 ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool, _workers_stop_with_us():
                     running: set = set()
                     while True:
                         for cell in ready(started)[: jobs - len(running)]:

@@ -10,6 +10,7 @@ regenerates the same tables and figures from committed results. Options (the swe
     curves: [CE]                  # convergence: training loss and validation accuracy per epoch
     knobs: {loss.omega: 0.75}     # study grids over these keys: a curve against the value (the default is the main grid's)
     labels: {model.hidden: {"[]": linear}}   # names for grid values in headings
+    last_epoch: true              # also the last epoch's test score beside the validation-selected one (selection check)
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ def _columns(metric: str, reference: Optional[str]):
 
 
 def summary_table(methods: "OrderedDict[str, List[dict]]", order: Sequence[str], metric: str = "top1",
-                  reference: Optional[str] = None) -> str:
-    """One row per method: mean ± sample std over seeds of every column; bold = best mean of the column."""
-    cols = _columns(metric, reference)
-    stats = {n: [mean_std([get(r["metrics"]) for r in runs]) for _, get, _ in cols] for n, runs in methods.items()}
+                  reference: Optional[str] = None, last_epoch: bool = False) -> str:
+    """One row per method: mean ± sample std over seeds of every column; bold = best mean of the column.
+    ``last_epoch`` adds the last epoch's test ``metric`` after the headline (validation-selected) one."""
+    cols = [(name, lambda r, get=get: get(r["metrics"]), higher) for name, get, higher in _columns(metric, reference)]
+    if last_epoch:
+        cols.insert(1, ("last epoch", lambda r: (r.get("last") or {}).get(metric), True))
+    stats = {n: [mean_std([get(r) for r in runs]) for _, get, _ in cols] for n, runs in methods.items()}
     names = [m for m in order if m in stats] + [m for m in stats if m not in order]
     best = []
     for j, (_, _, higher) in enumerate(cols):
@@ -117,10 +121,13 @@ def summary_table(methods: "OrderedDict[str, List[dict]]", order: Sequence[str],
     return "\n".join(lines)
 
 
-def paired_delta(runs: List[dict], base_runs: List[dict], metric: str = "top1") -> Optional[Dict[str, float]]:
-    """``metric`` of a method minus its base, paired by seed, with the 95 % paired t interval and a verdict."""
-    by_seed = {r["seed"]: r["metrics"][metric] for r in base_runs}
-    diffs = [r["metrics"][metric] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+def paired_delta(runs: List[dict], base_runs: List[dict], metric: str = "top1",
+                 which: str = "metrics") -> Optional[Dict[str, float]]:
+    """``metric`` of a method minus its base, paired by seed, with the 95 % paired t interval and a verdict.
+    ``which``: the validation-selected model ("metrics") or the last epoch's ("last")."""
+    base_runs, runs = [r for r in base_runs if r.get(which)], [r for r in runs if r.get(which)]
+    by_seed = {r["seed"]: r[which][metric] for r in base_runs}
+    diffs = [r[which][metric] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
     if not diffs:
         return None
     return {**paired_ci(diffs), "base_seed_std": mean_std(list(by_seed.values()))[1]}
@@ -261,7 +268,7 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
     folder = Path(folder)
     order = list(spec["methods"])
     cfg = spec.get("report") or {}
-    metric, reference = cfg.get("metric", "top1"), cfg.get("reference")
+    metric, reference, last_epoch = cfg.get("metric", "top1"), cfg.get("reference"), bool(cfg.get("last_epoch"))
     LABELS.clear()
     LABELS.update({k: {str(_fmt_value(_key(v))): str(name) for v, name in (m or {}).items()}
                    for k, m in (cfg.get("labels") or {}).items()})
@@ -281,7 +288,9 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
              "mean ± sample std over seeds; bold = best mean in the column (lowest for gap and ECE). Shot groups by "
              "training count (many > 100, medium 20–100, few < 20; — where a group has no class) and head/middle/"
              "tail thirds by class rank. Comparisons are paired by seed: Δ mean with its 95 % paired-t interval "
-             "[low, high]; the verdict says \"helps\" or \"hurts\" only when the interval excludes 0.", ""]
+             "[low, high]; the verdict says \"helps\" or \"hurts\" only when the interval excludes 0."
+             + (" \"last epoch\": the same runs' final-epoch model, a check on how much the validation-based choice "
+                "of epoch moves the numbers (not a second selection)." if last_epoch else ""), ""]
     summary = ["## Summary", "", f"| setting | best method ({label}) | " + " | ".join(
         f"{m} − {b}" for m, b in (cfg.get("baselines") or {}).items()) + " |",
         "|---|---|" + "---|" * len(cfg.get("baselines") or {})]
@@ -289,16 +298,22 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
     for setting, methods in main.items():
         name, mean, std = best_method(methods, metric)
         cells = []
-        deltas = ["| comparison | Δ mean | 95 % CI | seeds | base seed std | verdict |", "|---|---|---|---|---|---|"]
+        deltas = ["| comparison | Δ mean | 95 % CI | seeds | base seed std | verdict |"
+                  + (" last epoch: Δ [95 % CI] | verdict |" if last_epoch else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|" if last_epoch else "")]
         for method, base in (cfg.get("baselines") or {}).items():
             d = paired_delta(methods[method], methods[base], metric) if method in methods and base in methods else None
             cells.append(f"{_interval(d)} {d['verdict']}" if d else "—")
             if d:
                 ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "—"
-                deltas.append(f"| {method} − {base} | {d['mean']:+.2f} | {ci} | {d['n']} | {d['base_seed_std']:.2f} | {d['verdict']} |")
+                row = f"| {method} − {base} | {d['mean']:+.2f} | {ci} | {d['n']} | {d['base_seed_std']:.2f} | {d['verdict']} |"
+                if last_epoch:
+                    e = paired_delta(methods[method], methods[base], metric, which="last")
+                    row += f" {_interval(e)} | {e['verdict']} |" if e else " — | — |"
+                deltas.append(row)
         summary.append(f"| {_setting_name(setting)} | {name} {mean:.1f} ± {std:.1f} | " + " | ".join(cells) + " |")
         tag = _tag(setting)
-        body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference), ""]
+        body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference, last_epoch), ""]
         if len(deltas) > 2:
             body += [f"CCAR against its base, test {label} paired by seed:", "", *deltas, ""]
         names = [m for m in order if m in methods]
