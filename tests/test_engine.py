@@ -172,6 +172,15 @@ def test_yaml_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+    (tmp_path / "dup.yaml").write_text("epochs: 3\noptim:\n  lr: 0.1\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml, line 4: invalid YAML \(duplicate key 'lr'"):
+        load_config(str(tmp_path / "dup.yaml"))  # PyYAML alone keeps the last value silently
+    (tmp_path / "merge.yaml").write_text("a: &o {lr: 0.1}\noptim:\n  <<: *o\n  lr: 0.5\n")
+    from ccar.engine.config import load_yaml
+    assert load_yaml(str(tmp_path / "merge.yaml"))["optim"] == {"lr": 0.5}  # a merge key's override is not a duplicate
+    (tmp_path / "latin1.yaml").write_bytes(b"epochs: 3 # caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(tmp_path / "latin1.yaml"))
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------

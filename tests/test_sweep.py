@@ -44,6 +44,9 @@ def test_expand_grid_and_studies(tmp_path, digits):
     with pytest.raises(ConfigError, match="unknown sweep key 'method'"):
         (tmp_path / "bad.yaml").write_text("method: {}\n")
         load_sweep(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="line 3: invalid YAML \\(duplicate key 'CE'"):
+        (tmp_path / "bad.yaml").write_text("methods:\n  CE: {loss.name: ce}\n  CE: {loss.name: la}\n")
+        load_sweep(str(tmp_path / "bad.yaml"))  # a method listed twice no longer replaces the first silently
     with pytest.raises(ConfigError, match="unknown report key 'omega'; valid: metric, reference"):
         (tmp_path / "bad.yaml").write_text("methods: {CE: {}}\nreport: {omega: [CE]}\n")
         load_sweep(str(tmp_path / "bad.yaml"))

@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .engine.config import load_yaml
 from .errors import ConfigError
 from .tuning import chosen_candidate, flatten, tune_candidates
 
@@ -91,10 +92,7 @@ def load_sweep(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    spec = load_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(spec) - set(SWEEP_KEYS))

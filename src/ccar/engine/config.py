@@ -270,6 +270,46 @@ def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
     return validate(cfg)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently, so a stray second ``out:`` or a method listed twice would quietly replace the first)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (each key may appear once)",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def load_yaml(path: str) -> Any:
+    """A YAML file (config or sweep) as Python data; bad bytes, bad syntax and duplicate keys are ConfigErrors that
+    name the file and line."""
+    p = Path(path)
+    try:
+        return yaml.load(p.read_text(), Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file ``path``, then ``key=value`` overrides (``optim.lr=0.05``, ``loss.base=la``)."""
     cfg = TrainConfig()
@@ -277,12 +317,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text") from exc
+        data = load_yaml(path)
         try:
             _apply(cfg, data if data is not None else {})
         except ConfigError as exc:
