@@ -23,15 +23,20 @@ def _plt():
     return plt
 
 
+def save_figure(plt, fig, path: Path) -> Path:
+    """Lay the figure out, save it as PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def finish_figure(plt, fig, ax, path: Path, title: str) -> Path:
     """Title, grid and legend in the house style, then save as PNG and free the figure."""
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def per_class_figure(path: Path, class_counts: Sequence[int], series: Dict[str, Sequence[Optional[float]]], title: str) -> Path:
@@ -94,10 +99,7 @@ def curves_figure(path: Path, history: List[dict]) -> Path:
     a2.legend(fontsize=8)
     for a in (a1, a2):
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def run_figures(run_dir: Path, cfg, metrics: dict, history: List[dict]) -> List[Path]:

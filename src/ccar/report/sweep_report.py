@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import _plt
+from .plots import _plt, save_figure
 from .stats import mean_std, paired_ci
 
 GROUPS = [("many", lambda m: m["many"]), ("medium", lambda m: m["medium"]), ("few", lambda m: m["few"]),
@@ -168,10 +168,7 @@ def _bar_figure(path: Path, groups: Sequence[str], series: Dict[str, List[List[f
     ax.grid(axis="y", alpha=0.3)
     if ylim:
         ax.set_ylim(*ylim)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def _curve_figure(path: Path, settings, names: Sequence[str]) -> Optional[Path]:
@@ -198,10 +195,7 @@ def _curve_figure(path: Path, settings, names: Sequence[str]) -> Optional[Path]:
     axes[1, 0].set_ylabel("val. balanced acc. (%)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("convergence (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def _knob_figure(path: Path, knob: str, default, main, studies, metric: str) -> Optional[Path]:
@@ -234,10 +228,7 @@ def _knob_figure(path: Path, knob: str, default, main, studies, metric: str) -> 
         ax.legend(fontsize=8)
     axes[0, 0].set_ylabel(f"test {METRIC_LABELS.get(metric, metric)} (%), mean ± std")
     fig.suptitle(f"sensitivity to {knob}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def hardware() -> str:
