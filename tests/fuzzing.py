@@ -330,7 +330,10 @@ def _run_override(path: Path, root: Path):
 _YAML_SEEDS = [b"dataset: fashion-mnist-lt\nepochs: 15\noptim: {lr: 0.1, milestones: [5, 8]}\nloss: {name: ccar, omega: 0.75}\n",
                b"model:\n  name: mlp\n  hidden: [64]\nval_fraction: 0.2\nimbalance: 10\n", b"epochs: -3\n", b"{}\n"]
 _OVERRIDE_SEEDS = [b"epochs=3", b"optim.lr=0.05", b"loss.omega=0.9", b"optim.milestones=[3, 6]", b"imbalance=100",
-                   b"val_fraction=0.5", b"optim.batch_size=0", b"loss.name=ccar", b"model.hidden=[8, 8]"]
+                   b"val_fraction=0.5", b"optim.batch_size=0", b"loss.name=ccar", b"model.hidden=[8, 8]",
+                   # YAML 1.1's boolean and null words, which string keys take as text
+                   b"amp=off", b"sampler=no", b"compile=yes", b"channels_last=on", b"loss.normalize=null",
+                   b"tau_norm=none", b"amp=~"]
 
 # name -> (seed inputs, generator(rng, seeds) -> bytes, run(path, root))
 TARGETS: Dict[str, Tuple[Callable[[], List[bytes]], Callable, Callable]] = {

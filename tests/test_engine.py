@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from ccar import ConfigError, TrainingError
 from ccar.cli import main
 from ccar.engine import checkpoint as ckpt
-from ccar.engine.config import TrainConfig, load_config
-from ccar.engine.evaluate import classification_metrics, expected_calibration_error, rank_thirds
+from ccar.engine.config import TrainConfig, apply_overrides, load_config
+from ccar.metrics import classification_metrics, expected_calibration_error, rank_thirds
 from ccar.engine.train import train
 from conftest import make_csv, make_idx_dataset, make_image_tree
 
@@ -134,6 +134,25 @@ def test_config_errors_name_the_key():
     assert load_config(None, ["optim.lr=1", "optim.milestones=[3, 4]"]).optim.lr == 1.0
 
 
+@pytest.mark.parametrize("word", ["off", "on", "no", "yes", "Off", "NO", "none", "null"])
+def test_string_keys_take_yaml11_words_as_text(word, tmp_path):
+    """YAML 1.1 reads off/on/no/yes as booleans and null as None; a string key takes the word as written, from the
+    command line and from a file (an Optional key keeps null as None); boolean keys still accept the YAML 1.1 words."""
+    cfg = apply_overrides(TrainConfig(), [f"amp={word}", f"loss.normalize={word}"])
+    assert cfg.amp == word
+    assert cfg.loss.normalize == (None if word == "null" else word)
+    (tmp_path / "c.yaml").write_text(f"sampler: {word}\n")
+    with pytest.raises(ConfigError, match=f"sampler must be one of instance, .*, got '{word}'"):
+        load_config(str(tmp_path / "c.yaml"))
+    if word.lower() in ("off", "on", "no", "yes"):
+        assert load_config(None, [f"compile={word}"]).compile is (word.lower() in ("on", "yes"))
+
+
+def test_amp_off_from_the_command_line():
+    assert load_config(None, ["amp=off"]).amp == "off"
+    assert load_config(None, ["channels_last=false", "compile=true"]).channels_last == "false"
+
+
 @pytest.mark.parametrize("override,message", [
     ("epochs=-3", "epochs must be an integer >= 1, got -3"),
     ("epochs=0", "epochs must be an integer >= 1"),
@@ -148,6 +167,8 @@ def test_config_errors_name_the_key():
     ("optim.schedule=multistep", r"optim.milestones must be epochs within 1..epochs \(15\)"),
     ("loss.drw_epoch=15", r"loss.drw_epoch must be an epoch in 0..14"),
     ("seed=-1", "seed must be an integer in 0.."),
+    ("amp=false", "amp must be one of auto, bf16, fp16, off, got 'false'"),
+    ("amp=null", "amp must be one of auto, bf16, fp16, off, got 'null'"),
     ("optim.momentum=1", r"optim.momentum must be a number in \[0, 1\)"),
     ("n_max=0", "n_max must be an integer >= 1"),
     ("model.hidden=[64, 0]", r"model.hidden must be a list of layer sizes >= 1 \(\[\] is a linear model\)"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class TrainConfig:
     epochs: int = 15
     out: Optional[str] = None  # run folder; default runs/<dataset>-<loss>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off), bf16, fp16, off
     channels_last: str = "auto"  # auto (on for convolutional models on image data), true, false
     compile: bool = False
     deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
@@ -151,6 +152,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS:  # `compile=yes`, `resident: off`
+            return YAML11_BOOLS[value.lower()]
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -168,8 +171,10 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, bool):  # YAML reads `true`/`false`: string keys such as channels_last take them as text
+        if isinstance(value, bool):  # `true`/`false`: string keys such as channels_last take them as text
             return "true" if value else "false"
+        if value is None:  # `amp=null`: the word, for the key's own check to name the valid values
+            return "null"
         if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -194,6 +199,7 @@ def _apply(obj, mapping: Dict[str, Any], prefix: str = "") -> None:
 
 # --- valid ranges ------------------------------------------------------------------------------------------------------
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
 
 
@@ -213,6 +219,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ccar.errors.ConfigError: epochs must be an integer >= 1, got -3
     """
     o = cfg.optim
+    _check(cfg.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", cfg.amp)
     _check(cfg.channels_last in ("auto", "true", "false"), "channels_last", "auto, true or false", cfg.channels_last)
     _check(cfg.epochs >= 1, "epochs", "an integer >= 1", cfg.epochs)
     from ..data.sampling import SAMPLERS
@@ -270,9 +277,25 @@ def config_from_dict(data: Dict[str, Any]) -> TrainConfig:
     return validate(cfg)
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans; ccar's loader reads only true/false so, and a string key keeps
+# the word as text (`amp=off`, `sampler: no`...); a boolean key still accepts them (`compile=yes`).
+YAML11_BOOLS = {**dict.fromkeys(("yes", "on", "true"), True), **dict.fromkeys(("no", "off", "false"), False)}
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
-    silently, so a stray second ``out:`` or a method listed twice would quietly replace the first)."""
+    silently, so a stray second ``out:`` or a method listed twice would quietly replace the first), and that only
+    ``true``/``false`` are booleans (YAML 1.2's rule: ``off``, ``no``, ``on``, ``yes`` stay text until a key's type
+    says otherwise)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
 
 
 def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Dict[Any, Any]:
@@ -334,7 +357,7 @@ def parse_override(item: str) -> tuple:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: cannot parse value {raw!r}") from exc
     return key, value
