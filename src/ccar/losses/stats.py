@@ -66,6 +66,10 @@ def check_targets(logits: torch.Tensor, targets: torch.Tensor, who: str = "loss"
         raise LossError(f"{who}: targets must be integer class indices, got dtype {targets.dtype}")
     if values and targets.numel():
         num_classes = logits.shape[1]
+        if torch.compiler.is_compiling():  # inside a graph: checked on the device, no host sync, no graph break
+            torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
+                                f"{who}: a target value is out of range for {num_classes} classes (valid: 0..{num_classes - 1})")
+            return
         lo, hi = torch.aminmax(targets)
         lo, hi = int(lo), int(hi)  # one host sync per call; a device-side assert is far worse
         if lo < 0 or hi >= num_classes:
