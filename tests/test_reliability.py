@@ -18,7 +18,8 @@ from ccar import DataError, TrainingError
 from ccar.cli import main
 from ccar.engine import checkpoint as ckpt
 from ccar.engine.config import TrainConfig, load_config
-from ccar.engine.train import make_loaders, train
+from ccar.engine.setup import make_loaders
+from ccar.engine.train import train
 from conftest import FUZZ_COUNTS, make_idx_dataset
 
 FAST = ["model.width=4", "optim.batch_size=16", "optim.lr=0.05", "threads=1", "progress=false"]

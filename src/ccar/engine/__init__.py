@@ -1,7 +1,7 @@
 """Training engine: configuration, the training loop, evaluation, checkpoints and distributed plumbing."""
 
 from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides, load_config
-from .evaluate import classification_metrics, expected_calibration_error
+from ..metrics import classification_metrics, expected_calibration_error
 from .train import train
 
 __all__ = [

@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 from .config import load_config
 from .distributed import DistContext
 from .scoring import evaluate_test_split
-from .train import amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device, use_channels_last
+from .setup import amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device, use_channels_last
 
 
 def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = ()) -> dict:

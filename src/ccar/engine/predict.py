@@ -19,27 +19,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..data import Augment, LongTailData, normalize
+from ..data import Augment, normalize
 from ..data.folders import IMAGE_EXTENSIONS, decode_image
 from ..errors import ConfigError, DataError
 from ..losses import posthoc_logit_adjustment
 from . import checkpoint as ckpt
 from .config import load_config
 from .decoupling import TauNorm, resolve_tau_norm
-
-DATA_FILE = "data.json"
-
-
-def data_description(data: LongTailData, image_size: int) -> Dict[str, object]:
-    """What predicting needs of the training data, without the data: classes, shapes, normalisation."""
-    return {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-            "class_counts": data.class_counts, "input_shape": list(data.input_shape), "kind": data.kind,
-            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": image_size}
-
-
-def save_data_description(data: LongTailData, path: Path, image_size: int) -> None:
-    path.write_text(json.dumps(data_description(data, image_size), indent=1))
-
+from .setup import (DATA_FILE, amp_dtype, data_description, dataset_from_config, make_loaders, model_from_config,
+                    resolve_device)
 
 class _Described:
     """A stand-in for :class:`LongTailData` built from ``data.json`` (what the model and normalisation need)."""
@@ -118,7 +106,6 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
                 top_k: int = 5) -> Tuple[List[str], torch.Tensor, List[str]]:
     """(input names, probabilities (N, C), class names) of ``run_dir``'s model on ``inputs``."""
     from .scoring import eval_logit_scale
-    from .train import amp_dtype, dataset_from_config, model_from_config, resolve_device
 
     run_dir = Path(run_dir)
     config, weights = run_dir / "config.yaml", run_dir / f"{which}.safetensors"
@@ -140,7 +127,6 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     if tau == "auto":  # chosen on the run's validation split, exactly as `ccar eval` does
         from .distributed import DistContext
         from .scoring import chosen_tau, split_evaluator
-        from .train import make_loaders
 
         data = dataset_from_config(cfg)
         _, eval_batches = make_loaders(data, cfg, device, DistContext())

@@ -14,7 +14,8 @@ from ..losses import posthoc_logit_adjustment
 from .config import TrainConfig
 from .decoupling import TauNorm, choose_tau, resolve_tau_norm
 from .distributed import DistContext
-from .evaluate import classification_metrics, predict
+from ..metrics import classification_metrics
+from .evaluate import predict
 
 
 def eval_logit_scale(cfg: TrainConfig) -> float:

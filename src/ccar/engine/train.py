@@ -8,48 +8,26 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
+from ..data import normalize
 from ..errors import ConfigError, TrainingError
 from ..losses import build_loss
-from ..models import NormedLinear, build_model
+from ..models import NormedLinear
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
-from .decoupling import freeze_batchnorm, prepare_retrain, project_max_norm, wrap_lws
-from .distributed import DistContext, init_distributed
-from .predict import DATA_FILE, save_data_description
+from .decoupling import freeze_batchnorm, prepare_retrain, project_max_norm
+from .distributed import init_distributed
+from .setup import (DATA_FILE, amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device,
+                    save_data_description, use_channels_last)
 from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
 from .sync_bn import convert_sync_batchnorm
 
 
 # --- set-up helpers -------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {exc}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
-    return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if mode not in choices:
-        raise ConfigError(f"amp must be one of auto, bf16, fp16, off; got {mode!r}")
-    if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=off on the CPU")
-    return choices[mode]
 
 
 def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
@@ -70,35 +48,6 @@ def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
     if o.schedule == "constant":
         return o.lr
     raise ConfigError(f"optim.schedule must be cosine, multistep or constant; got {o.schedule!r}")
-
-
-def dataset_from_config(cfg: TrainConfig) -> LongTailData:
-    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank."""
-    return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
-                         n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
-                         test_fraction=cfg.test_fraction, image_size=cfg.image_size, in_memory=cfg.in_memory,
-                         progress=cfg.progress, gaussian=cfg.synthetic)
-
-
-def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
-    """``channels_last=auto``: the channels-last memory layout for convolutional models on images (CPU and CUDA),
-    where it measured 1.3-1.6x faster end to end on this project's CPU (docs/benchmarks.md); never for tables."""
-    if cfg.channels_last != "auto":
-        return cfg.channels_last == "true"
-    return len(data.input_shape) == 3 and cfg.model.name != "mlp"
-
-
-def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
-    """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
-    if cfg.model.head not in ("auto", "linear", "cosine"):
-        raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
-    if len(data.input_shape) == 1 and cfg.model.name != "mlp":
-        raise ConfigError(f"model.name={cfg.model.name} is for images; {data.name} has {data.input_shape[0]} features "
-                          f"per row: use model.name=mlp (model.hidden=[] is a linear model)")
-    cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
-    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
-                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
-    return wrap_lws(model, data.num_classes) if cfg.retrain == "lws" else model
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -129,36 +78,6 @@ def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
         raise TrainingError(
             f"only {free / 2**20:.0f} MiB free at {run_dir}; checkpoints need about {needed_bytes / 2**20:.0f} MiB"
         )
-
-
-def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx: DistContext):
-    """(train loader, eval loader factory). Small sets: device-resident tensors; file sets: DataLoader workers."""
-    bs = cfg.optim.batch_size
-    if data.in_memory:
-        storage = device if cfg.resident else torch.device("cpu")
-        if storage.type == "cuda":
-            needed = sum(t.numel() * t.element_size() for split in (data.train, data.val, data.test) for t in split)
-            free, _ = torch.cuda.mem_get_info(storage)
-            if needed > 0.5 * free:
-                raise TrainingError(
-                    f"{data.name}: keeping the data on {storage} needs {needed / 2**30:.2f} GiB but only "
-                    f"{free / 2**30:.2f} GiB are free; set resident=false to stream batches from host memory"
-                )
-        # torch.compile wants static shapes: drop the last partial batch instead of recompiling for it.
-        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, drop_last=cfg.compile, seed=cfg.seed,
-                             device=storage, rank=ctx.rank, world_size=ctx.world_size, sampler=cfg.sampler,
-                             sampler_epoch=cfg.sampler_epoch, epochs=cfg.epochs)
-
-        def eval_batches(split):
-            return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=storage,
-                                rank=ctx.rank, world_size=ctx.world_size)
-    else:
-        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size,
-                            cfg.sampler, cfg.sampler_epoch, cfg.epochs)
-
-        def eval_batches(split):
-            return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
-    return train, eval_batches
 
 
 def _progress(total: int, enabled: bool):

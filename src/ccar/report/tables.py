@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-from ..engine.evaluate import rank_thirds, shot_groups
+from ..metrics import rank_thirds, shot_groups
 
 
 def fmt(value: Optional[float], digits: int = 1) -> str:
