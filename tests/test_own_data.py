@@ -98,6 +98,27 @@ def test_folder_errors_name_the_file_or_class(tmp_path):
         build_dataset("folder", str(tmp_path / "single" / "bee"), progress=False)
 
 
+def test_one_class_is_an_error_for_every_kind_of_data(tmp_path, capsys):
+    """A one-class folder trained and reported 100 %; now every dataset kind needs two classes."""
+    one = make_folder_tree(tmp_path / "one", {"ant": 6})
+    with pytest.raises(DataError, match=r"folder in .*one: found 1 class \(ant\); a classifier needs at least two"):
+        build_dataset("folder", str(one), image_size=12, progress=False)
+    assert main(["train", "dataset=folder", f"data_root={one}", "image_size=12", f"out={tmp_path / 'run'}", *FAST]) == 2
+    assert "a classifier needs at least two" in capsys.readouterr().err
+    table = tmp_path / "table"
+    table.mkdir()
+    for split in ("train", "test"):
+        (table / f"{split}.csv").write_text("a,b,label\n" + "".join(f"{i},{i * 2},x\n" for i in range(8)))
+    with pytest.raises(DataError, match="csv in .*table: found 1 class .*needs at least two"):
+        build_dataset("csv", str(table), progress=False)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for split in ("train", "test"):
+        np.savez(feats / f"{split}.npz", X=np.zeros((6, 3), np.float32), y=np.zeros(6, np.int64))
+    with pytest.raises(DataError, match="features in .*feats: found 1 class"):
+        build_dataset("features", str(feats), progress=False)
+
+
 def test_folder_train_test_layout_and_streaming(tmp_path):
     root = make_folder_tree(tmp_path / "photos", split=True)
     data = build_dataset("folder", str(root), image_size=16, val_fraction=0.0, progress=False)

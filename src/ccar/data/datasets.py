@@ -252,7 +252,23 @@ def build_dataset(name: str, data_root: Optional[str] = None, imbalance: Optiona
     if unknown:
         raise DataError(f"build_dataset: unknown option {unknown[0]!r}")
     request = DataRequest(name, data_root, imbalance, profile, val_fraction, seed, n_max, **options)
-    return BUILDERS[name](request)
+    return check_classes(BUILDERS[name](request), data_root)
+
+
+def check_classes(data: LongTailData, data_root: Optional[str] = None) -> LongTailData:
+    """Every dataset, whatever its builder: at least two classes, each with at least one training sample (a
+    one-class "classifier" would report 100 %; a class the model never sees cannot be learned or weighted)."""
+    where = f" in {data_root}" if data_root else ""
+    names = data.class_names or [str(c) for c in range(data.num_classes)]
+    if data.num_classes < 2:
+        raise DataError(f"{data.name}{where}: found {data.num_classes} class{'es' if data.num_classes != 1 else ''} "
+                        f"({', '.join(names) or 'none'}); a classifier needs at least two")
+    empty = [names[c] for c, n in enumerate(data.class_counts) if n == 0]
+    if empty:
+        shown = ", ".join(repr(n) for n in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(f"{data.name}{where}: class{'es' if len(empty) > 1 else ''} {shown} "
+                        f"{'have' if len(empty) > 1 else 'has'} no training samples (after carving the validation split)")
+    return data
 
 
 @register_dataset(*SYNTHETIC_LT)
