@@ -183,6 +183,33 @@ def test_tau_norm_zero_is_the_identity_and_auto_never_reads_test(first_stage, di
     assert again["top1"] != auto["top1"]  # the poison did reach the test evaluation
 
 
+def test_tau_norm_auto_runs_the_backbone_once_and_scores_as_full_passes(first_stage):
+    from ccar.data import normalize
+    from ccar.engine import checkpoint as ckpt
+    from ccar.engine.decoupling import TAU_GRID, TauNorm
+    from ccar.engine.distributed import DistContext
+    from ccar.engine.scoring import eval_logit_scale, evaluate_split, tau_scorer
+    from ccar.engine.setup import dataset_from_config, make_loaders, model_from_config
+
+    cfg = load_config(str(first_stage / "config.yaml"), ["tau_norm=auto"])
+    data, device, ctx = dataset_from_config(cfg), torch.device("cpu"), DistContext()
+    model = model_from_config(cfg, data)
+    model.load_state_dict(ckpt.load_weights(first_stage / "best.safetensors"))
+    _, eval_batches = make_loaders(data, cfg, device, ctx)
+    prepare = lambda x: normalize(x, data.augment)  # noqa: E731
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    score = tau_scorer(cfg, data, model, eval_batches, prepare, device, ctx, None)
+    one_pass = len(calls)
+    got = {tau: score(tau) for tau in TAU_GRID}
+    assert one_pass >= 1 and len(calls) == one_pass  # 21 taus scored without running the model again
+    for tau in TAU_GRID:  # the same numbers as a whole forward pass per tau, to the bit
+        with TauNorm(model, tau):
+            want = evaluate_split(model, eval_batches(data.val), prepare, device, data.class_counts, ctx, None,
+                                  cfg.posthoc_tau, eval_logit_scale(cfg))["balanced"]
+        assert got[tau] == want
+
+
 def test_max_norm_bounds_every_classifier_row(digits, tmp_path):
     out = tmp_path / "wb"
     train(load_config(None, cfg_args(digits, out, "loss.name=ce", "optim.max_norm=0.5", "optim.weight_decay=5e-3")),

@@ -126,13 +126,12 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     tau = resolve_tau_norm(cfg.tau_norm)
     if tau == "auto":  # chosen on the run's validation split, exactly as `ccar eval` does
         from .distributed import DistContext
-        from .scoring import chosen_tau, split_evaluator
+        from .scoring import chosen_tau
 
         data = dataset_from_config(cfg)
         _, eval_batches = make_loaders(data, cfg, device, DistContext())
         prepare = lambda x: normalize(x, data.augment)  # noqa: E731
-        evaluate = split_evaluator(cfg, data, model, eval_batches, prepare, device, DistContext(), dtype)
-        tau, _ = chosen_tau(cfg, data, model, evaluate)
+        tau, _ = chosen_tau(cfg, data, model, eval_batches, prepare, device, DistContext(), dtype)
     names, batches = _batches(desc, inputs, run_dir)
     outputs = []
     with TauNorm(model, tau) if tau is not None else contextlib.nullcontext(), torch.no_grad():

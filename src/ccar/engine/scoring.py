@@ -5,14 +5,14 @@ Used by training (per-epoch validation, the final test evaluation), ``ccar eval`
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError
 from ..losses import posthoc_logit_adjustment
 from .config import TrainConfig
-from .decoupling import TauNorm, choose_tau, resolve_tau_norm
+from .decoupling import TauNorm, choose_tau, classifier, linear_classifier, resolve_tau_norm
 from .distributed import DistContext
 from ..metrics import classification_metrics
 from .evaluate import predict
@@ -28,6 +28,11 @@ def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dt
                    logit_scale: float = 1.0):
     """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
     logits, targets = predict(model, batches, prepare, device, dtype)
+    return logit_metrics(logits, targets, batches, device, counts, ctx, posthoc_tau, logit_scale)
+
+
+def logit_metrics(logits, targets, batches, device, counts, ctx: DistContext, posthoc_tau=None, logit_scale=1.0):
+    """Metrics of this rank's logits over ``batches``: scaled, gathered across ranks, post-hoc adjusted."""
     logits = logits * logit_scale
     if ctx.enabled:
         n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
@@ -54,7 +59,31 @@ def split_evaluator(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
     return evaluate
 
 
-def chosen_tau(cfg, data, model, evaluate) -> Tuple[Optional[float], Optional[Dict[float, float]]]:
+def tau_scorer(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Callable[[float], float]:
+    """``score(tau)``: balanced validation accuracy of ``model`` tau-normalised with ``tau``. The backbone runs once
+    over the split (the classifier's inputs are kept, batch by batch); each tau then costs only the classifier."""
+    linear_classifier(model, "tau_norm")  # a cosine head is an error before any work
+    head = classifier(model)
+    features: List[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
+    batches = eval_batches(data.val)
+    try:
+        _, targets = predict(model, batches, prepare, device, dtype)
+    finally:
+        hook.remove()
+
+    def score(tau: float) -> float:
+        with TauNorm(model, tau), torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                                  enabled=dtype is not None):
+            logits = torch.cat([head(f).float().cpu() for f in features])
+        return logit_metrics(logits, targets, batches, device, data.class_counts, ctx, cfg.posthoc_tau,
+                             eval_logit_scale(cfg))["balanced"]
+
+    return score
+
+
+def chosen_tau(cfg, data, model, eval_batches, prepare, device, ctx, dtype
+               ) -> Tuple[Optional[float], Optional[Dict[float, float]]]:
     """The run's tau-normalisation: None (off), the configured tau, or for ``auto`` the tau chosen on the
     validation split (never on the test split), with the validation scores of the grid."""
     tau = resolve_tau_norm(cfg.tau_norm)
@@ -62,14 +91,14 @@ def chosen_tau(cfg, data, model, evaluate) -> Tuple[Optional[float], Optional[Di
         return tau, None
     if not split_size(data.val):
         raise ConfigError("tau_norm=auto chooses tau on the validation split; this run has none (val_fraction=0)")
-    return choose_tau(model, lambda: evaluate(data.val))
+    return choose_tau(tau_scorer(cfg, data, model, eval_batches, prepare, device, ctx, dtype))
 
 
 def evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> Dict[str, object]:
     """Test-set metrics of ``model`` with the run's post-hoc settings: logit adjustment (``posthoc_tau``) and
     tau-normalisation (``tau_norm``, see :func:`chosen_tau`)."""
     evaluate = split_evaluator(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
-    tau, scores = chosen_tau(cfg, data, model, evaluate)
+    tau, scores = chosen_tau(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
     if tau is None:
         return evaluate(data.test)
     with TauNorm(model, tau):
