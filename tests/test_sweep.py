@@ -4,7 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from ccar import ConfigError
 from ccar.report.stats import paired_ci, t_quantile
@@ -58,11 +60,11 @@ def test_sweep_runs_resumes_and_reports(tmp_path, digits, monkeypatch):
 
     real, calls = sweep_mod._run_cell, []
 
-    def die_on_third(cell, run_dir, threads):
+    def die_on_third(cell, *args):
         calls.append(cell.key)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(cell, run_dir, threads)
+        return real(cell, *args)
 
     monkeypatch.setattr(sweep_mod, "_run_cell", die_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -136,13 +138,31 @@ def test_two_stage_methods_run_both_stages_as_one_cell(tmp_path, digits):
         "tau-norm": {"loss.name": "ce", "tau_norm": "auto"},
         "CB-RS": {"loss.name": "ce", "sampler": "class-balanced"},
     }, report={"baselines": {}})
-    run_sweep(str(path), log=lambda *_: None)
+    lines = []
+    run_sweep(str(path), log=lines.append)
     rows = {r["method"]: r for r in read_results(tmp_path / "sweep" / "results.jsonl")}
     assert set(rows) == {"CE", "cRT", "tau-norm", "CB-RS"}
     crt = rows["cRT"]
-    assert crt["config"]["retrain"] == "crt" and crt["config"]["parent"].endswith("cRT/seed=0")
-    assert "stage1_top1" in crt and crt["config"]["sampler"] == "class-balanced"
-    assert rows["CB-RS"]["config"]["sampler"] == "class-balanced"
+    assert crt["config"]["retrain"] == "crt" and crt["config"]["sampler"] == "class-balanced"
+    assert rows["CB-RS"]["config"]["sampler"] == "class-balanced" and "trained_by" not in rows["CB-RS"]
+    # CE is trained once: cRT re-trains the classifier of CE's run, tau-norm scores CE's model its own way
+    runs = tmp_path / "sweep" / "runs"
+    assert crt["config"]["parent"] == str(runs / "CE" / "seed=0") and crt["trained_by"] == "CE/seed=0"
+    assert crt["stage1_top1"] == rows["CE"]["metrics"]["top1"] and not (runs / "cRT" / "seed=0").exists()
+    assert rows["tau-norm"]["trained_by"] == "CE/seed=0" and "tau_norm" in rows["tau-norm"]
+    assert any("2 of them train nothing new" in line for line in lines)
+    ce_w = load_file(runs / "CE" / "seed=0" / "last.safetensors")
+    tau_w = load_file(runs / "tau-norm" / "seed=0" / "last.safetensors")
+    assert ce_w.keys() == tau_w.keys() and all(torch.equal(ce_w[k], tau_w[k]) for k in ce_w)
+    # ... and scores exactly as a tau-norm run trained on its own
+    from ccar.engine.config import load_config
+    from ccar.engine.train import train
+
+    cell = next(c for c in expand(load_sweep(str(path))) if c.method == "tau-norm")
+    alone = train(load_config(None, [*cell.overrides, f"out={tmp_path / 'alone'}", "progress=false"]),
+                  log=lambda *_: None)
+    assert alone["tau_norm"] == rows["tau-norm"]["tau_norm"] and alone["top1"] == rows["tau-norm"]["metrics"]["top1"]
+    assert alone["per_class"] == rows["tau-norm"]["metrics"]["per_class"]
     with pytest.raises(ConfigError, match="stage2 must be a mapping with method"):
         expand({"methods": {"X": {"stage2": {"epochs": 1}}}})
 

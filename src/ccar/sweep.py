@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import time
@@ -61,6 +63,7 @@ class Cell:
     overrides: List[str]
     stage2: Optional[List[str]] = None  # `ccar retrain` overrides (method=crt|lws, ...) for two-stage methods
     tuned: Dict[str, Any] = field(default_factory=dict)  # this cell's candidate of the method's `tune` grid
+    shares: Optional[str] = None  # key of an earlier cell that trains the same (first-stage) model: reuse its run
 
     @property
     def key(self) -> str:
@@ -163,21 +166,47 @@ def expand(spec: Dict[str, Any], rows: Optional[List[Dict[str, Any]]] = None, pe
                     continue
                 for seed in seeds[1:]:
                     add(name, values, seed, chosen)
+    owners: Dict[str, Cell] = {}  # one training per model: a later cell that trains the same reuses the first's run
+    for cell in cells:
+        owner = owners.setdefault(training_identity(tuple(cell.overrides)), cell)
+        cell.shares = None if owner is cell else owner.key
     return cells
 
 
-def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
-    """Train one cell (in this process or a worker); returns its results line."""
+EVAL_ONLY = ("tau_norm", "posthoc_tau")  # settings that change how a trained model is scored, not its training
+
+
+@functools.lru_cache(maxsize=None)
+def training_identity(overrides: tuple) -> str:
+    """What a cell trains (its first stage, for two-stage methods): the resolved config less the evaluation-only
+    settings. Cells with the same identity train the same model to the bit (CPU runs are deterministic), so a sweep
+    trains it once: cRT, LWS and tau-norm beside CE with the same seed and settings reuse CE's run."""
+    from .engine.config import load_config, to_dict
+
+    resolved = to_dict(load_config(None, list(overrides)))
+    for key in EVAL_ONLY + ("out", "progress", "threads"):
+        resolved.pop(key)
+    return json.dumps(resolved, sort_keys=True)
+
+
+def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Train one cell (in this process or a worker); returns its results line. ``shared_dir``: the finished run of
+    the cell this one shares its training with (:attr:`Cell.shares`): a two-stage cell re-trains its classifier
+    from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way."""
     from .engine.config import apply_overrides, load_config, to_dict
     from .engine.train import train
     from .report.sweep_report import hardware
 
     cfg = load_config(None, cell.overrides)
-    apply_overrides(cfg, [f"out={run_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
-    resume = (Path(run_dir) / "checkpoint.safetensors").exists()
+    first_dir = Path(shared_dir if shared_dir and cell.stage2 is not None else run_dir)
+    apply_overrides(cfg, [f"out={first_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
+    if shared_dir and cell.stage2 is None and not (first_dir / "checkpoint.safetensors").exists():
+        first_dir.mkdir(parents=True, exist_ok=True)  # the shared run's last epoch: train() resumes past the loop
+        shutil.copyfile(Path(shared_dir) / "checkpoint.safetensors", first_dir / "checkpoint.safetensors")
+    resume = (first_dir / "checkpoint.safetensors").exists()
     started = time.perf_counter()
-    if resume and (Path(run_dir) / "metrics.json").exists():  # finished (e.g. a first stage before a crash)
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    if resume and (first_dir / "metrics.json").exists():  # finished (a shared first stage, or one before a crash)
+        metrics = json.loads((first_dir / "metrics.json").read_text())
     else:
         metrics = train(cfg, resume=resume, log=lambda *_: None)
     first = None
@@ -187,7 +216,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
         first = metrics["top1"]
         method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
         out2 = f"{run_dir}-{method}"
-        cfg = retrain_config(Path(run_dir), cell.stage2 + [f"out={out2}", "progress=false"]
+        cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}", "progress=false"]
                              + ([f"threads={threads}"] if threads else []))
         metrics = train(cfg, resume=(Path(out2) / "checkpoint.safetensors").exists(), log=lambda *_: None)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
@@ -197,6 +226,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int) -> Dict[str, Any]:
             "last": {k: metrics["last"][k] for k in ("top1", "balanced", "groups", "many", "medium", "few")},
             "history": _history(cfg.run_dir()),
             "wall_seconds": time.perf_counter() - started, "hardware": hardware(), **({"stage1_top1": first} if first is not None else {}),
+            **({"trained_by": cell.shares} if cell.shares else {}),
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
 
 
@@ -261,6 +291,10 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
         done = {r["key"] for r in rows}
         n_done = sum(c.key in done for c in cells)
         log(f"sweep {path}: {len(cells) + len(pending)} runs, {n_done} already done, {jobs} at a time -> {folder}")
+        shared = [c for c in cells if c.shares]
+        if shared:
+            log(f"{len(shared)} of them train nothing new: the same model as an earlier cell (e.g. {shared[0].key} "
+                f"reuses {shared[0].shares}); each is trained once")
         bar = tqdm(total=len(cells) + len(pending), initial=n_done, unit="run", dynamic_ncols=True)
         with open(results_path, "a") as sink:
             def record(row):
@@ -271,8 +305,12 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
 
             def ready(started):  # cells not yet run, in sweep order; a tuned method's other seeds join the
                 rows = read_results(results_path)  # queue as soon as its candidates have all run
-                done = {r["key"] for r in rows}
-                return [c for c in expand(spec, rows) if c.key not in done and c.key not in started]
+                done = {r["key"] for r in rows}  # a cell sharing another's training waits for that run
+                return [c for c in expand(spec, rows) if c.key not in done and c.key not in started
+                        and (c.shares is None or c.shares in done)]
+
+            def cell_args(cell):
+                return cell, str(runs_root / cell.key), threads, cell.shares and str(runs_root / cell.shares)
 
             started: set = set()
             if jobs == 1:
@@ -281,7 +319,7 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                     if not todo:
                         break
                     started.add(todo[0].key)
-                    record(_run_cell(todo[0], str(runs_root / todo[0].key), threads))
+                    record(_run_cell(*cell_args(todo[0])))
             else:
                 ctx = multiprocessing.get_context("spawn")
                 with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool, _workers_stop_with_us():
@@ -289,7 +327,7 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                     while True:
                         for cell in ready(started)[: jobs - len(running)]:
                             started.add(cell.key)
-                            running.add(pool.submit(_run_cell, cell, str(runs_root / cell.key), threads))
+                            running.add(pool.submit(_run_cell, *cell_args(cell)))
                         if not running:
                             break
                         finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
