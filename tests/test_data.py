@@ -403,6 +403,44 @@ def test_real_fashion_mnist_lt():
     assert np.bincount(data.test[1].numpy()).tolist() == [1000] * 10
 
 
+def _real_mnist():
+    from ccar.data import downloads
+
+    folder = downloads.cache_dir() / "mnist"
+    if not (folder / "train-images-idx3-ubyte").is_file() and not (folder / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("real MNIST not fetched (sh scripts/get-mnist.sh; make test does it)")
+    return folder
+
+
+@pytest.mark.slow
+def test_real_mnist_lt_on_the_official_files():
+    folder = _real_mnist()
+    data = build_dataset("mnist-lt", str(folder), imbalance=100, val_fraction=0.1)
+    assert sum(data.class_counts) + len(data.val[1]) == sum(long_tail_counts(5421, 10, 100))  # MNIST's smallest class
+    assert len(data.test[1]) == 10_000 and np.bincount(data.test[1].numpy()).min() == 892
+
+
+@pytest.mark.slow
+def test_real_mnist_png_folder_with_the_defaults(tmp_path, monkeypatch):
+    """The practitioner's path: real digits as PNG class folders, no image_size given; >= 80 % test top-1."""
+    import subprocess
+    import sys
+
+    from ccar.engine.config import load_config
+    from ccar.engine.train import train
+
+    folder = _real_mnist()
+    monkeypatch.setenv("CCAR_CACHE", str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "scripts/mnist-folder.py", str(tmp_path / "png"), "--data-root", str(folder)],
+                   check=True, capture_output=True)
+    lines = []
+    metrics = train(load_config(None, ["dataset=folder", f"data_root={tmp_path / 'png'}", "model.name=cnn",
+                                       "model.width=8", "epochs=15", "loss.name=la", "progress=false",
+                                       f"out={tmp_path / 'run'}"]), log=lines.append)
+    assert "images 28x28 (image_size=auto" in lines[0] and "no flip" in lines[0]
+    assert metrics["top1"] >= 80.0
+
+
 # --- a known optimum ---------------------------------------------------------------------------------------------
 
 
