@@ -13,11 +13,12 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[plot,dev]"
+	$(BIN)/python -m pip install -q -e ".[plot,dev,hf,lora]"
 	touch $@
 
 data:
 	@sh scripts/get-fashion-mnist.sh
+	@sh scripts/get-mnist.sh
 
 # The main job: CCAR over logit adjustment on Fashion-MNIST-LT (imbalance 100); results in runs/.
 train: $(STAMP) data

@@ -241,11 +241,11 @@ def test_rank_thirds_and_empty_groups():
 # --- CLI -----------------------------------------------------------------------------------------------------------
 
 
-def test_cli_user_errors_are_one_line_and_exit_2(capsys):
+def test_cli_user_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["train", "nope=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("ccar train: error: unknown config key 'nope'")
-    assert main(["train", "dataset=mnist-lt", "data_root=/does/not/exist", "progress=false", "out=/tmp/ccar-x"]) == 2
+    assert main(["train", "dataset=mnist-lt", "data_root=/does/not/exist", "progress=false", f"out={tmp_path / 'x'}"]) == 2
     assert "no IDX files" in capsys.readouterr().err
     assert main(["eval", "/does/not/exist"]) == 2
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccar import DataError
+from ccar import ConfigError, DataError
 from ccar.cli import main
 from ccar.data import build_dataset
 from ccar.data import folders as folders_mod
@@ -131,6 +131,84 @@ def test_folder_train_test_layout_and_streaming(tmp_path):
     assert (out / "metrics.json").is_file()
 
 
+def make_digit_folder(root, counts=(12, 6, 3), size=(28, 28)):
+    """Grey, same-size 'digits' (a bright bar at a class-dependent row) in train/ and test/ class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(counts):
+        for split, m in (("train", n), ("test", 4)):
+            for i in range(m):
+                pixels = rng.integers(0, 40, (size[1], size[0])).astype(np.uint8)
+                row = 4 + 8 * c
+                pixels[row : row + 4] = 230
+                (root / split / f"d{c}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, mode="L").save(root / split / f"d{c}" / f"{i}.png")
+    return root
+
+
+def test_image_size_auto_keeps_native_grey_digits_and_does_not_flip_them(tmp_path):
+    root = make_digit_folder(tmp_path / "digits")
+    data = build_dataset("folder", str(root), progress=False)  # image_size=auto, the default
+    assert data.input_shape == (1, 28, 28) and data.image_size == 28 and not data.augment.flip
+    assert "image_size=auto: the images share one size, 28x28" in data.note and "no flip" in data.summary()
+    assert 0 < data.augment.mean[0] < 0.5 and len(data.augment.std) == 1  # the images' own statistics
+    out = tmp_path / "run"
+    lines = []
+    metrics = train(load_config(None, ["dataset=folder", f"data_root={root}", "epochs=2", "val_fraction=0",
+                                       f"out={out}", *FAST]), log=lines.append)
+    assert any("model.name=auto: cnn (28 px images)" in line for line in lines)
+    saved = load_config(str(out / "config.yaml"))
+    assert saved.model.name == "cnn" and saved.image_size == "auto"  # the model itself is recorded
+    assert json.loads((out / "data.json").read_text())["image_size"] == 28
+    assert main(["predict", str(out), str(root / "test"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = _read_predictions(tmp_path / "p.csv")
+    per_class = [100.0 * np.mean([r["top1"] == f"d{c}" for r in rows if f"/test/d{c}/" in r["input"]])
+                 for c in range(3)]
+    assert per_class == pytest.approx(metrics["per_class"])  # grey, 1 channel, the run's own normalisation
+    flipped = build_dataset("folder", str(root), progress=False)
+    assert not flipped.augment.flip
+    from ccar.engine.setup import dataset_from_config
+
+    assert dataset_from_config(load_config(None, ["dataset=folder", f"data_root={root}", "augment.flip=true",
+                                                  "progress=false"])).augment.flip
+
+
+def test_image_size_auto_for_photos_of_mixed_sizes(tmp_path):
+    root = tmp_path / "photos"
+    for name, colour in (("ant", (200, 30, 30)), ("bee", (30, 200, 30))):
+        for i, wh in enumerate([(120, 100), (150, 100), (100, 140), (100, 130)]):
+            write_image(root / name / f"{i}.jpg", colour, wh)
+    data = build_dataset("folder", str(root), progress=False)
+    assert data.input_shape[0] == 3 and data.augment.flip  # colour: taken as photos
+    assert data.image_size == 100 and "median shorter side 100 px" in data.note  # train split's median shorter side
+    assert build_dataset("folder", str(root), image_size=40, progress=False).image_size == 40  # explicit wins
+    from ccar.engine.setup import auto_model
+
+    name, why = auto_model(data.input_shape)
+    assert name == "resnet32" and "pretrained backbone" in why
+    from ccar.models import build_model
+
+    model = build_model("resnet32", 2, data.input_shape, depth=8)  # the downsampling stem from 96 px on
+    assert isinstance(model.pool, torch.nn.MaxPool2d) and model(torch.zeros(2, *data.input_shape)).shape == (2, 2)
+    assert isinstance(build_model("resnet32", 2, (3, 32, 32), depth=8).pool, torch.nn.Identity)
+    with pytest.raises(ConfigError, match="image_size must be auto or an integer >= 8"):
+        load_config(None, ["image_size=big"])
+    with pytest.raises(ConfigError, match="augment.flip must be auto, true or false"):
+        load_config(None, ["augment.flip=sometimes"])
+
+
+def test_model_auto_picks_the_mlp_for_tables(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("test", 9)):
+        y = np.arange(n) % 3
+        np.savez(tmp_path / f"{split}.npz", X=(rng.normal(size=(n, 4)) + y[:, None]).astype(np.float32), y=y)
+    lines = []
+    train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "epochs=1", f"out={tmp_path / 'r'}",
+                             *FAST]), log=lines.append)
+    assert any("model.name=auto: mlp (4 features per row)" in line for line in lines)
+
+
 def _read_predictions(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -229,4 +307,5 @@ def test_a_cnn_on_features_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "train.npz", X=np.ones((4, 3), np.float32), y=np.array([0, 0, 1, 1]))
     np.savez(tmp_path / "test.npz", X=np.ones((2, 3), np.float32), y=np.array([0, 1]))
     with pytest.raises(ConfigError, match="model.name=cnn is for images; features has 3 features per row: use model.name=mlp"):
-        train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "epochs=1", f"out={tmp_path / 'r'}"]))
+        train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "epochs=1", "model.name=cnn",
+                                 f"out={tmp_path / 'r'}"]))

@@ -15,7 +15,7 @@ import torch
 from ..errors import DataError
 from . import downloads as dl
 from .profiles import long_tail_counts, long_tail_indices, stratified_split
-from .folders import decode_all, fits_in_memory, folder_splits
+from .folders import decode_all, fits_in_memory, folder_splits, survey_images
 from .sources import read_cifar, read_idx_pair, read_image_list, read_inat_json
 from .synthetic import GaussianLT, GaussianShape, balanced_accuracy, nearest_mean_predictions
 from .tabular import TabularPreprocessing, feature_labels, read_csv, read_feature_file, read_frame
@@ -35,6 +35,13 @@ class Augment:
     flip: bool = False
     mean: Tuple[float, ...] = (0.5,)
     std: Tuple[float, ...] = (0.5,)
+
+    def describe(self, streamed: bool = False) -> str:
+        """What runs on training batches, for the run summary."""
+        if streamed:
+            return "random-resized crop" + (" + horizontal flip" if self.flip else " (no flip)")
+        crop = f"random crop (padding {self.crop_padding})" if self.crop_padding else "no crop"
+        return crop + (" + horizontal flip" if self.flip else ", no flip")
 
 
 @dataclass
@@ -73,14 +80,21 @@ class LongTailData:
     def in_memory(self) -> bool:
         return self.kind != "files"
 
+    @property
+    def image_size(self) -> Optional[int]:
+        """The side of the square images the model sees (None for tables and features)."""
+        return int(self.input_shape[-1]) if len(self.input_shape) == 3 else None
+
     def summary(self) -> str:
         n_val = len(self.val[1]) if self.in_memory else len(self.val)
         n_test = len(self.test[1]) if self.in_memory else len(self.test)
         counts = self.class_counts
         shown = f"counts {counts}" if len(counts) <= 20 else f"counts {max(counts)}..{min(counts)}"
+        augment = f"; augmentation: {self.augment.describe(not self.in_memory)}" if self.image_size else ""
         return (
             f"{self.name}: {sum(counts)} train / {n_val} val / {n_test} test, {self.num_classes} classes, "
             f"{shown} (imbalance {max(counts) / max(1, min(counts)):.0f})" + (f"; {self.note}" if self.note else "")
+            + augment
         )
 
 
@@ -100,12 +114,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _idx_root(name: str, root: Optional[str]) -> Path:
     """Where the IDX files are: explicit root, $CCAR_<NAME>, Debian's package (Fashion-MNIST), the cache, download."""
     env = "CCAR_" + name.upper().replace("-", "_")
-    candidates = [Path(root)] if root else []
-    if os.environ.get(env):
-        candidates.append(Path(os.environ[env]))
-    if name == "fashion-mnist":
-        candidates.append(DEBIAN_FASHION_MNIST)
-    candidates.append(dl.cache_dir() / name)
+    if root:  # an explicit folder is the only place looked in: a typo must not train on a cached copy instead
+        candidates = [Path(root)]
+    else:
+        candidates = ([Path(os.environ[env])] if os.environ.get(env) else []) + (
+            [DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []) + [dl.cache_dir() / name]
     for c in candidates:
         if any((c / (f + ext)).is_file() for f in IDX_NAMES["train"][:1] for ext in (".gz", "")):
             return c
@@ -194,8 +207,9 @@ class DataRequest:
     label_column: Optional[str] = None  # csv
     csv_impute: str = "none"  # csv: none | mean
     test_fraction: float = 0.2  # folder (one tree)
-    image_size: int = 224  # folder, file lists
+    image_size: Union[int, str] = "auto"  # folder, file lists: pixels, or auto (folders: from the images; lists: 224)
     in_memory: str = "auto"  # folder: auto | true | false
+    channels: Optional[int] = None  # folder: 3 forces colour (a pretrained backbone needs it); None: from the images
     progress: bool = True
     gaussian: GaussianShape = field(default_factory=GaussianShape)  # gaussian-lt
 
@@ -349,22 +363,35 @@ def _build_features(req: DataRequest) -> LongTailData:
 
 @register_dataset("folder")
 def _build_folder(req: DataRequest) -> LongTailData:
-    root, size = req.root, req.image_size
+    root = req.root
     (train_paths, train_y), (test_paths, test_y), names, layout = folder_splits(root, req.test_fraction, req.seed)
     train_pos, val_pos = stratified_split(train_y, req.val_fraction, req.seed)
-    note = f"{layout}; images {size}x{size}"
-    if fits_in_memory(len(train_paths) + len(test_paths), size, req.in_memory):
-        images = decode_all(train_paths, size, "training images", req.progress)
-        test_images = decode_all(test_paths, size, "test images", req.progress)
+    survey = survey_images(train_paths, req.seed)
+    if req.image_size == "auto":
+        size, why = survey.choose_size()
+        note = f"{layout}; images {size}x{size} (image_size=auto: {why}; set image_size=N to change)"
+    else:
+        size = int(req.image_size)
+        note = f"{layout}; images {size}x{size}"
+    # Grey images (digits, scans, text) stay one channel and are not flipped; colour images are taken as photos.
+    channels = req.channels or (1 if survey.grey else 3)
+    if fits_in_memory(len(train_paths) + len(test_paths), size, req.in_memory, channels):
+        images = decode_all(train_paths, size, "training images", req.progress, channels)
+        test_images = decode_all(test_paths, size, "test images", req.progress, channels)
         train, val = (images[train_pos], train_y[train_pos]), (images[val_pos], train_y[val_pos])
-        augment = Augment(crop_padding=max(1, size // 8), flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        if channels == 1:  # the training images' own statistics (ImageNet's are for colour photos)
+            pixels = train[0].reshape(-1).astype(np.float64) / 255
+            mean, std = (float(pixels.mean()),), (float(max(pixels.std(), 1e-3)),)
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        augment = Augment(crop_padding=max(1, size // 8), flip=not survey.grey, mean=mean, std=std)
         return LongTailData("folder", len(names), _tensors(train), _tensors(val), _tensors((test_images, test_y)),
-                            _counts(train[1], len(names), f"folder {root}"), names, augment, (3, size, size),
-                            "image", note + ", decoded in memory")
+                            _counts(train[1], len(names), f"folder {root}"), names, augment, (channels, size, size),
+                            "image", note + (", grey (1 channel)" if channels == 1 else "") + ", decoded in memory")
     train = ImageFiles([train_paths[i] for i in train_pos], train_y[train_pos])
     val = ImageFiles([train_paths[i] for i in val_pos], train_y[val_pos])
     test = ImageFiles(test_paths, test_y)
-    augment = Augment(flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    augment = Augment(flip=not survey.grey, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return LongTailData("folder", len(names), train, val, test, _counts(train.targets, len(names), f"folder {root}"),
                         names, augment, (3, size, size), "files", note + ", streamed from the files")
 
@@ -393,7 +420,8 @@ def _build_files(req: DataRequest) -> LongTailData:
         names = [cat_names.get(i, str(i)) for i in range(num_classes)]
     aug = Augment(flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     counts = _counts(train.targets, num_classes, f"{name} train")
-    return LongTailData(name, num_classes, train, val, test, counts, names, aug, (3, 224, 224), "files")
+    size = 224 if req.image_size == "auto" else int(req.image_size)  # the standard for these benchmarks
+    return LongTailData(name, num_classes, train, val, test, counts, names, aug, (3, size, size), "files")
 
 
 DATASETS = tuple(BUILDERS)  # every name `dataset=` accepts, in registration order

@@ -21,7 +21,8 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -127,6 +128,56 @@ def resize_center_crop(im, size: int, short: Optional[int] = None):
     return im.crop((left, top, left + size, top + size))
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+SURVEY_SAMPLE = 512  # image headers read to choose image_size=auto (seeded sample of the training files)
+MAX_NATIVE = 256  # a set of one size up to this trains at its native size
+MAX_AUTO = 224  # otherwise the median shorter side, capped here
+
+
+@dataclass
+class ImageSurvey:
+    """What the headers of (a sample of) a folder's images say: their sizes and whether all are grey."""
+
+    sizes: List[Tuple[int, int]]
+    grey: bool
+
+    def choose_size(self) -> Tuple[int, str]:
+        """(image_size, why) for ``image_size=auto``: the native size when the images share one size up to
+        :data:`MAX_NATIVE` px, else the median shorter side capped at :data:`MAX_AUTO` (never below 8).
+
+        >>> ImageSurvey([(28, 28)] * 3, True).choose_size()
+        (28, 'the images share one size, 28x28')
+        >>> ImageSurvey([(640, 480), (500, 375), (300, 400)], False).choose_size()
+        (224, 'median shorter side 375 px, capped at 224')
+        """
+        shorter = sorted(min(w, h) for w, h in self.sizes)
+        if len(set(self.sizes)) == 1 and max(self.sizes[0]) <= MAX_NATIVE:
+            w, h = self.sizes[0]
+            return max(8, min(w, h)), f"the images share one size, {w}x{h}"
+        median = shorter[len(shorter) // 2]
+        if median > MAX_AUTO:
+            return MAX_AUTO, f"median shorter side {median} px, capped at {MAX_AUTO}"
+        return max(8, median), f"median shorter side {median} px"
+
+
+def survey_images(paths: Sequence[Path], seed: int = 0, sample: int = SURVEY_SAMPLE) -> ImageSurvey:
+    """Read the headers (not the pixels) of up to ``sample`` of ``paths``, chosen with ``seed``."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = list(paths)
+    if len(paths) > sample:
+        paths = [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), sample, replace=False))]
+    sizes, grey = [], True
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+                grey = grey and im.mode in GREY_MODES
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error) as exc:
+            raise DataError(f"cannot decode image {p}: {type(exc).__name__}: {exc}") from exc
+    return ImageSurvey(sizes, grey)
+
+
 def decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
     """One image as uint8 (channels, size, size): shorter side resized to ``size``, centre crop; errors name it."""
     array = np.asarray(resize_center_crop(load_image(path, "RGB" if channels == 3 else "L"), size), dtype=np.uint8)
@@ -139,9 +190,9 @@ def _cache_dir() -> Path:
     return cache_dir() / "folders"
 
 
-def decode_all(paths: List[Path], size: int, what: str, progress: bool = True) -> np.ndarray:
-    """All ``paths`` decoded into one uint8 (N, 3, size, size) array, through the cache."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+def decode_all(paths: List[Path], size: int, what: str, progress: bool = True, channels: int = 3) -> np.ndarray:
+    """All ``paths`` decoded into one uint8 (N, channels, size, size) array, through the cache."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode() + (f":{channels}".encode() if channels != 3 else b""))
     for p in paths:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -149,15 +200,15 @@ def decode_all(paths: List[Path], size: int, what: str, progress: bool = True) -
     if cache.is_file():
         try:
             images = np.load(cache, allow_pickle=False)
-            if images.shape == (len(paths), 3, size, size) and images.dtype == np.uint8:
+            if images.shape == (len(paths), channels, size, size) and images.dtype == np.uint8:
                 return images
         except (OSError, ValueError):
             pass  # a damaged cache file is rebuilt
     from tqdm.auto import tqdm
 
-    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    images = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc=f"decoding {what}", unit="img", leave=False, disable=not progress or None)):
-        images[i] = decode_image(p, size)
+        images[i] = decode_image(p, size, channels)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -168,10 +219,10 @@ def decode_all(paths: List[Path], size: int, what: str, progress: bool = True) -
     return images
 
 
-def fits_in_memory(n_images: int, size: int, setting: str) -> bool:
+def fits_in_memory(n_images: int, size: int, setting: str, channels: int = 3) -> bool:
     """``in_memory``: ``true``, ``false`` or ``auto`` (decoded pixels at most :data:`IN_MEMORY_BYTES`)."""
     if setting not in ("auto", "true", "false"):
         raise DataError(f"in_memory must be auto, true or false, got {setting!r}")
     if setting != "auto":
         return setting == "true"
-    return n_images * 3 * size * size <= IN_MEMORY_BYTES
+    return n_images * channels * size * size <= IN_MEMORY_BYTES

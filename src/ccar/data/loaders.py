@@ -121,8 +121,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
     Pillow's decompression-bomb guard stays on.
     """
 
-    def __init__(self, files: ImageFiles, train: bool, size: int = 224, seed: int = 0):
-        self.files, self.train, self.size, self.seed = files, train, size, seed
+    def __init__(self, files: ImageFiles, train: bool, size: int = 224, seed: int = 0, flip: bool = True):
+        self.files, self.train, self.size, self.seed, self.flip = files, train, size, seed, flip
 
     def __len__(self) -> int:
         return len(self.files)
@@ -151,17 +151,17 @@ class ImageFileDataset(torch.utils.data.Dataset):
             cw = ch = min(w, h)
             left, top = (w - cw) // 2, (h - ch) // 2
         im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and self.flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         return im
 
 
 def file_loader(files: ImageFiles, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
                 rank: int = 0, world_size: int = 1, size: int = 224, sampler: str = "instance",
-                sampler_epoch: int = 0, epochs: int = 1):
+                sampler_epoch: int = 0, epochs: int = 1, flip: bool = True):
     """A DataLoader over :class:`ImageFileDataset`; training order (shuffled or re-sampled, one stride per rank
     under data parallelism) from :class:`ccar.data.sampling.EpochSampler`, the same sequence as the device path."""
-    dataset = ImageFileDataset(files, train, size, seed)
+    dataset = ImageFileDataset(files, train, size, seed, flip)
     sequence = ClassSampler(torch.from_numpy(np.asarray(files.targets)), sampler, sampler_epoch, epochs, seed, train)
     order = EpochSampler(sequence, rank, world_size)
     g = torch.Generator().manual_seed(seed)

@@ -65,12 +65,11 @@ def _restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[s
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _weights(model: torch.nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, model, optimizer, best_state: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]) -> None:
-    tensors = _weights(model, "model.")
+def save_checkpoint(path: Path, model_state: Dict[str, torch.Tensor], optimizer,
+                    best_state: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]) -> None:
+    """The model's state (what the run trains: :func:`ccar.engine.finetune.saved_state`), the best model's, the
+    optimizer's and ``meta``, in one safetensors file written atomically."""
+    tensors = {"model." + k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     if best_state is not None:
         tensors.update({"best." + k: v.detach().cpu().contiguous() for k, v in best_state.items()})
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
@@ -99,9 +98,11 @@ def split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_into(model, optimizer, tensors, opt_meta) -> Optional[Dict[str, torch.Tensor]]:
+def load_into(model, optimizer, tensors, opt_meta, finetune: str = "full") -> Optional[Dict[str, torch.Tensor]]:
     """Restore model and optimizer; returns the best-model state (or None)."""
-    model.load_state_dict(split_prefix(tensors, "model."))
+    from .finetune import load_trained
+
+    load_trained(model, split_prefix(tensors, "model."), finetune, "the checkpoint's weights")
     _restore_optimizer(optimizer, tensors, opt_meta)
     best = split_prefix(tensors, "best.")
     return best or None

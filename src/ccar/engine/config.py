@@ -57,11 +57,24 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"  # resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
+    name: str = "auto"  # auto (from the data: ccar.engine.setup.auto_model), resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
     width: int = 16  # cnn
     depth: int = 32  # resnet_cifar
     hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
     head: str = "auto"  # linear, cosine; auto = cosine for LDAM
+    weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: List[str] = field(default_factory=list)  # module names; [] = every linear layer (else conv) of the backbone
+
+
+@dataclass
+class AugmentConfig:
+    flip: str = "auto"  # horizontal flip of training images: auto (the dataset's choice: photos yes, digits/grey no), true, false
 
 
 @dataclass
@@ -77,6 +90,7 @@ class OptimConfig:
     milestones: List[int] = field(default_factory=lambda: [160, 180])
     decay: float = 0.01  # multistep factor per milestone
     max_norm: Optional[float] = None  # MaxNorm (weight balancing): classifier rows projected to norm <= this per step
+    backbone_lr: Optional[float] = None  # learning rate of everything but the classifier (default: lr)
 
 
 @dataclass
@@ -98,7 +112,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: torch's default)
     resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
     workers: int = 4  # DataLoader workers for file-backed datasets
-    image_size: int = 224  # file-backed datasets and dataset=folder
+    image_size: str = "auto"  # folders and file lists: pixels, or auto (folders: from the images; file lists: 224)
     in_memory: str = "auto"  # dataset=folder: decode once into memory (auto: when it fits in 2 GiB), true, false
     test_fraction: float = 0.2  # dataset=folder with one tree: the share of each class carved out as the test split
     label_column: Optional[str] = None  # dataset=csv (default: label, target or class, else the last column)
@@ -108,14 +122,22 @@ class TrainConfig:
     sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
     sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch instead of each process's
+    finetune: str = "full"  # which parameters train: full, linear (classifier), bias (+ biases), lora (+ adapters)
     retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws or ft (classifier re-training of a parent run)
     parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
     checkpoint_every: int = 1  # epochs
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)  # finetune=lora
     optim: OptimConfig = field(default_factory=OptimConfig)
     synthetic: GaussianShape = field(default_factory=GaussianShape)  # dataset=gaussian-lt (ccar.data.synthetic)
+
+    @property
+    def image_size_value(self):
+        """``image_size`` as an int, or the string ``auto``."""
+        return self.image_size if self.image_size == "auto" else int(self.image_size)
 
     def run_dir(self) -> Path:
         if self.out:
@@ -254,7 +276,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.csv_impute in ("none", "mean"), "csv_impute", "none or mean", cfg.csv_impute)
     _check(cfg.threads >= 0, "threads", "an integer >= 0 (0: torch's default)", cfg.threads)
     _check(cfg.workers >= 0, "workers", "an integer >= 0", cfg.workers)
-    _check(cfg.image_size >= 8, "image_size", "an integer >= 8 (pixels)", cfg.image_size)
+    _check(cfg.image_size == "auto" or (cfg.image_size.isdigit() and int(cfg.image_size) >= 8), "image_size",
+           "auto or an integer >= 8 (pixels)", cfg.image_size)
+    from .finetune import FINETUNE_MODES
+
+    _check(cfg.finetune in FINETUNE_MODES, "finetune", f"one of {', '.join(FINETUNE_MODES)}", cfg.finetune)
+    _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
+    _check(o.backbone_lr is None or o.backbone_lr >= 0, "optim.backbone_lr", "a number >= 0", o.backbone_lr)
+    _check(cfg.augment.flip in ("auto", "true", "false"), "augment.flip", "auto, true or false", cfg.augment.flip)
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1 (epochs)", cfg.checkpoint_every)
     _check(cfg.posthoc_tau is None or cfg.posthoc_tau >= 0, "posthoc_tau", "a number >= 0", cfg.posthoc_tau)
     _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)

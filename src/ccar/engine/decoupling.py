@@ -72,18 +72,18 @@ def wrap_lws(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch.Tensor]) -> List[str]:
-    """Load the first stage's weights, freeze all but what ``method`` trains; returns the trainable names."""
+def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch.Tensor], mode: str = "full") -> List[str]:
+    """Load the first stage's weights (a run fine-tuned in ``mode``: what it trained), freeze all but what
+    ``method`` trains; returns the trainable names."""
+    from .finetune import load_trained
+
     head_name = classifier_name(model)
     state = dict(parent_state)
     if method == "lws":  # the parent's classifier lives inside the wrapper, the scales start at 1
         state = {(k.replace(head_name + ".", head_name + ".classifier.", 1) if k.startswith(head_name + ".") else k): v
                  for k, v in state.items()}
         state[f"{head_name}.scale"] = torch.ones_like(classifier(model).scale)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"the parent run's weights do not fit this model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); retrain with the parent's model settings")
+    load_trained(model, state, mode, "the parent run's weights")
     head = classifier(model)
     if method == "crt":
         for module in head.modules():

@@ -11,6 +11,7 @@ from ..data import normalize
 from ..errors import ConfigError
 from ..report.tables import metrics_table
 from . import checkpoint as ckpt
+from .finetune import load_trained
 from .config import load_config
 from .distributed import DistContext
 from .scoring import evaluate_test_split
@@ -27,7 +28,7 @@ def evaluate_run(run_dir: Path, which: str = "best", overrides: Sequence[str] = 
     device = resolve_device(cfg.device)
     data = dataset_from_config(cfg)
     model = model_from_config(cfg, data).to(device)
-    model.load_state_dict(ckpt.load_weights(weights))
+    load_trained(model, ckpt.load_weights(weights), cfg.finetune, str(weights))
     _, eval_batches = make_loaders(data, cfg, device, DistContext())
     prepare = lambda x: normalize(x, data.augment, use_channels_last(cfg, data))  # noqa: E731
     metrics = evaluate_test_split(cfg, data, model, eval_batches, prepare, device, DistContext(),

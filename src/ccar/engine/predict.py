@@ -24,6 +24,7 @@ from ..data.folders import IMAGE_EXTENSIONS, decode_image
 from ..errors import ConfigError, DataError
 from ..losses import posthoc_logit_adjustment
 from . import checkpoint as ckpt
+from .finetune import load_trained
 from .config import load_config
 from .decoupling import TauNorm, resolve_tau_norm
 from .setup import (DATA_FILE, amp_dtype, data_description, dataset_from_config, make_loaders, model_from_config,
@@ -36,7 +37,7 @@ class _Described:
         self.name, self.num_classes, self.class_names = d["name"], d["num_classes"], list(d["class_names"])
         self.class_counts, self.input_shape, self.kind = list(d["class_counts"]), tuple(d["input_shape"]), d["kind"]
         self.augment = Augment(mean=tuple(d["mean"]), std=tuple(d["std"]))
-        self.image_size = int(d["image_size"])
+        self.image_size = d["image_size"]
 
 
 def _image_paths(inputs: Sequence[str]) -> List[Path]:
@@ -117,10 +118,10 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     if (run_dir / DATA_FILE).is_file():
         desc = _Described(json.loads((run_dir / DATA_FILE).read_text()))
     else:  # a run from before data.json: rebuild the data description from the dataset itself
-        desc = _Described(data_description(dataset_from_config(cfg), cfg.image_size))
+        desc = _Described(data_description(dataset_from_config(cfg)))
     device = resolve_device(cfg.device)
     model = model_from_config(cfg, desc).to(device)
-    model.load_state_dict(ckpt.load_weights(weights))
+    load_trained(model, ckpt.load_weights(weights), cfg.finetune, str(weights))
     model.eval()
     dtype = amp_dtype(cfg.amp, device)
     tau = resolve_tau_norm(cfg.tau_norm)

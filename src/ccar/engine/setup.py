@@ -3,31 +3,33 @@ dataset and model a config names, the loaders, and the run folder's description 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader
 from ..errors import ConfigError, TrainingError
-from ..models import build_model
+from ..models import HF_PREFIX, build_model
 from .config import TrainConfig
 from .decoupling import wrap_lws
 from .distributed import DistContext
+from .finetune import apply_finetune, load_pretrained
 
 DATA_FILE = "data.json"
 
 
-def data_description(data: LongTailData, image_size: int) -> Dict[str, object]:
+def data_description(data: LongTailData) -> Dict[str, object]:
     """What predicting needs of the training data, without the data: classes, shapes, normalisation."""
     return {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
             "class_counts": data.class_counts, "input_shape": list(data.input_shape), "kind": data.kind,
-            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": image_size}
+            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": data.image_size}
 
 
-def save_data_description(data: LongTailData, path: Path, image_size: int) -> None:
-    path.write_text(json.dumps(data_description(data, image_size), indent=1))
+def save_data_description(data: LongTailData, path: Path) -> None:
+    path.write_text(json.dumps(data_description(data), indent=1))
 
 
 def native_bf16_cpu() -> bool:
@@ -68,11 +70,27 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def dataset_from_config(cfg: TrainConfig) -> LongTailData:
-    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank."""
-    return build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
+    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank. With a
+    pretrained backbone, images come at its input size (``image_size=auto``), in colour, normalised its way."""
+    image_size, channels, pretrained = cfg.image_size_value, None, None
+    if cfg.model.name.startswith(HF_PREFIX):
+        from ..models.pretrained import hf_preprocessing
+
+        pretrained = hf_preprocessing(cfg.model.name[len(HF_PREFIX):])
+        image_size, channels = pretrained.size if image_size == "auto" else image_size, 3
+    data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
                          n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
-                         test_fraction=cfg.test_fraction, image_size=cfg.image_size, in_memory=cfg.in_memory,
-                         progress=cfg.progress, gaussian=cfg.synthetic)
+                         test_fraction=cfg.test_fraction, image_size=image_size, in_memory=cfg.in_memory,
+                         progress=cfg.progress, gaussian=cfg.synthetic, channels=channels)
+    if pretrained is not None and data.image_size:  # one-channel sets (resized and repeated by the model): the mean
+        grey = data.input_shape[0] == 1
+        mean = (sum(pretrained.mean) / 3,) if grey else pretrained.mean
+        std = (sum(pretrained.std) / 3,) if grey else pretrained.std
+        data.augment = dataclasses.replace(data.augment, mean=mean, std=std)
+        data.note += f"; normalised as {cfg.model.name} expects"
+    if cfg.augment.flip != "auto" and data.image_size:  # the builder's choice (photos flip, digits do not) unless set
+        data.augment = dataclasses.replace(data.augment, flip=cfg.augment.flip == "true")
+    return data
 
 
 def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
@@ -83,17 +101,42 @@ def use_channels_last(cfg: TrainConfig, data: LongTailData) -> bool:
     return len(data.input_shape) == 3 and cfg.model.name != "mlp"
 
 
+def auto_model(input_shape) -> Tuple[str, str]:
+    """(model name, why) for ``model.name=auto``: tables and features -> the MLP; colour images of CIFAR size
+    (24-40 px) -> ResNet-32; other images up to 64 px -> the compact CNN; larger images -> ResNet-32 with its
+    downsampling stem (from scratch; a pretrained backbone is usually far better for photos).
+
+    >>> auto_model((1, 28, 28))[0], auto_model((3, 32, 32))[0], auto_model((3, 224, 224))[0], auto_model((12,))[0]
+    ('cnn', 'resnet32', 'resnet32', 'mlp')
+    """
+    if len(input_shape) == 1:
+        return "mlp", f"{input_shape[0]} features per row"
+    channels, side = input_shape[0], min(input_shape[1:])
+    if channels == 3 and 24 <= side <= 40:
+        return "resnet32", f"{side} px colour images (CIFAR size)"
+    if side <= 64:
+        return "cnn", f"{side} px images"
+    return "resnet32", (f"{side} px images: ResNet-32 from scratch with a downsampling stem; for photos a pretrained "
+                        f"backbone is usually far better")
+
+
 def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
     if cfg.model.head not in ("auto", "linear", "cosine"):
         raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
+    if cfg.model.name == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=auto_model(data.input_shape)[0]))
     if len(data.input_shape) == 1 and cfg.model.name != "mlp":
         raise ConfigError(f"model.name={cfg.model.name} is for images; {data.name} has {data.input_shape[0]} features "
                           f"per row: use model.name=mlp (model.hidden=[] is a linear model)")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
-    return wrap_lws(model, data.num_classes) if cfg.retrain == "lws" else model
+    if cfg.model.weights:
+        load_pretrained(model, cfg.model.weights)
+    if cfg.retrain == "lws":
+        model = wrap_lws(model, data.num_classes)
+    return apply_finetune(model, cfg.finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
 
 
 def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx: DistContext):
@@ -118,9 +161,9 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
             return DeviceLoader(*split, max(bs, 512), None, shuffle=False, device=storage,
                                 rank=ctx.rank, world_size=ctx.world_size)
     else:
-        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size,
-                            cfg.sampler, cfg.sampler_epoch, cfg.epochs)
+        train = file_loader(data.train, bs, True, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, data.image_size,
+                            cfg.sampler, cfg.sampler_epoch, cfg.epochs, data.augment.flip)
 
         def eval_batches(split):
-            return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, cfg.image_size)
+            return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, data.image_size)
     return train, eval_batches

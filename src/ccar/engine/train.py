@@ -19,10 +19,11 @@ from ..losses import build_loss
 from ..models import NormedLinear
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
-from .decoupling import freeze_batchnorm, prepare_retrain, project_max_norm
+from .decoupling import classifier_name, freeze_batchnorm, prepare_retrain, project_max_norm
 from .distributed import init_distributed
-from .setup import (DATA_FILE, amp_dtype, dataset_from_config, make_loaders, model_from_config, resolve_device,
-                    save_data_description, use_channels_last)
+from .finetune import backbone_frozen, load_trained, saved_state
+from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, make_loaders, model_from_config,
+                    resolve_device, save_data_description, use_channels_last)
 from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
 from .sync_bn import convert_sync_batchnorm
 
@@ -52,11 +53,16 @@ def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and bias parameters (standard for the CIFAR-LT recipes' ResNets too); frozen
-    # parameters (classifier re-training) are left out.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # parameters (classifier re-training, frozen backbones) are left out. `optim.backbone_lr`: everything but the
+    # classifier at its own rate (each group's `lr_scale` times the schedule's lr).
+    head = classifier_name(model) + "."
+    parts = [(1.0, [p for p in model.parameters() if p.requires_grad])]
+    if o.backbone_lr is not None:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        parts = [(o.backbone_lr / o.lr, [p for n, p in trainable if not n.startswith(head)]),
+                 (1.0, [p for n, p in trainable if n.startswith(head)])]
+    groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "weight_decay": o.weight_decay if decay else 0.0,
+               "lr_scale": scale} for scale, params in parts for decay in (True, False)]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "adamw":
@@ -125,9 +131,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         total = ctx.all_reduce_sum(mine.clone())
         if not torch.equal(total, mine * ctx.world_size):
             raise TrainingError(f"rank {ctx.rank}: class counts differ between processes; check data_root on every node")
+    if cfg.model.name == "auto":  # resolved once, so config.yaml (eval, predict, resume) names the model itself
+        cfg.model.name, why = auto_model(data.input_shape)
+        if ctx.is_main:
+            log(f"model.name=auto: {cfg.model.name} ({why})")
     model = model_from_config(cfg, data).to(device)
     if cfg.retrain:  # second stage: the parent's best model, all but the classifier frozen
-        prepare_retrain(model, cfg.retrain, ckpt.load_weights(Path(cfg.parent) / "best.safetensors"))
+        prepare_retrain(model, cfg.retrain, ckpt.load_weights(Path(cfg.parent) / "best.safetensors"), cfg.finetune)
     if cfg.sync_bn and ctx.enabled:
         model = convert_sync_batchnorm(model, device).to(device)
     cosine = isinstance(getattr(model, "fc", None), NormedLinear)
@@ -141,7 +151,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if ctx.is_main:
         check_output_dir(run_dir, needed_bytes=n_params * 4 * 4 + (64 << 20))
         save_config(cfg, run_dir / "config.yaml")
-        save_data_description(data, run_dir / DATA_FILE, cfg.image_size)  # what `ccar predict` needs
+        save_data_description(data, run_dir / DATA_FILE)  # what `ccar predict` needs
         if data.preprocessing is not None:  # csv: what `ccar eval` and `ccar predict` must apply to new rows
             data.preprocessing.save(run_dir / "preprocessing.json", data.augment.mean, data.augment.std)
     dtype = amp_dtype(cfg.amp, device)
@@ -153,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     start_epoch, history, best_val, best_state, elapsed = 0, [], -1.0, None, 0.0
     if resume:
         tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
-        best_state = ckpt.load_into(model, optimizer, tensors, opt_meta)
+        best_state = ckpt.load_into(model, optimizer, tensors, opt_meta, cfg.finetune)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
     if ctx.is_main:
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}), "
@@ -173,8 +183,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         loss_fn.set_epoch(epoch)
         _set_epoch(train_loader, epoch)
         net.train()
-        if cfg.retrain:
-            freeze_batchnorm(model)  # the backbone's statistics stay the first stage's
+        if cfg.retrain or backbone_frozen(cfg.finetune):
+            freeze_batchnorm(model)  # the backbone's statistics stay the first stage's (or the pretrained ones)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
         checked = 0  # steps before this one are known to have finite losses
@@ -182,7 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         for step, (x, y) in enumerate(train_loader):
             lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
             x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = step_fn(x)
@@ -222,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         # balanced test top-1 even though validation is long-tailed like training.
         if val["balanced"] is not None and val["balanced"] > best_val:
             best_val = val["balanced"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in saved_state(model, model.state_dict(), cfg.finetune).items()}
         eta = (cfg.epochs - epoch - 1) * (elapsed - elapsed_before) / (epoch + 1 - start_epoch)
         if ctx.is_main:
             val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
@@ -238,7 +248,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                         tb.add_scalar(k, v, epoch + 1)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
-                ckpt.save_checkpoint(state_path, model, optimizer, best_state, meta)
+                ckpt.save_checkpoint(state_path, saved_state(model, model.state_dict(), cfg.finetune), optimizer,
+                                     best_state, meta)
         ctx.barrier()
     bar.close()
     if tb is not None:
@@ -282,10 +293,10 @@ def _tensorboard(run_dir: Path):
 def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
-    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    last_state = {k: v.detach().clone() for k, v in saved_state(model, model.state_dict(), cfg.finetune).items()}
     results = {}
     for which, state in (("last", last_state), ("best", best_state or last_state)):
-        model.load_state_dict(state)
+        load_trained(model, state, cfg.finetune)
         results[which] = evaluate_test_split(cfg, data, model, eval_batches, prepare, device, ctx, dtype)
     if best_state is None:  # no validation split
         best_epoch = len(history)

@@ -11,7 +11,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
-MODELS = ("resnet32", "cnn", "mlp", "resnet50", "resnext50", "timm:<name>")
+MODELS = ("auto", "resnet32", "cnn", "mlp", "resnet50", "resnext50", "timm:<name>", "hf:<hub id or folder>")
+HF_PREFIX = "hf:"
+STEM_FROM = 96  # ResNet-32 on inputs this large or larger starts with a stride-4 stem
 
 
 class NormedLinear(nn.Module):
@@ -58,12 +60,16 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (He et al. 2016), 16/32/64 channels; n = 5 is ResNet-32 (~0.46 M params)."""
 
-    def __init__(self, num_classes: int, depth: int = 32, in_channels: int = 3, cosine_head: bool = False):
+    def __init__(self, num_classes: int, depth: int = 32, in_channels: int = 3, cosine_head: bool = False,
+                 stem: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ConfigError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        # stem: an ImageNet-style entry (stride-2 conv, 3x3 max-pool) so the stages run at a quarter of the input's
+        # resolution -- what makes the network trainable on a CPU for photos of 96 px and more.
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 2 if stem else 1, 1, bias=False)
+        self.pool = nn.MaxPool2d(3, 2, 1) if stem else nn.Identity()
         self.bn1 = nn.BatchNorm2d(16)
         layers, in_planes = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
@@ -77,7 +83,7 @@ class ResNetCifar(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = self.layers(self.pool(F.relu(self.bn1(self.conv1(x)))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
@@ -149,14 +155,21 @@ def build_model(
     >>> sum(p.numel() for p in build_model("resnet32", 100, (3, 32, 32)).parameters())
     470004
     """
-    if name == "resnet32" or name == "resnet_cifar":
-        return ResNetCifar(num_classes, depth, input_shape[0], cosine_head)
+    if name == "resnet32" or name == "resnet_cifar":  # inputs of 96 px or more get the downsampling stem
+        return ResNetCifar(num_classes, depth, input_shape[0], cosine_head, stem=min(input_shape[1:]) >= STEM_FROM)
     if name == "cnn":
         return SmallCNN(num_classes, input_shape[0], width, cosine_head)
     if name == "mlp":
         if len(input_shape) != 1:
             raise ConfigError(f"model.name=mlp is for tabular features; this dataset has inputs {input_shape}")
         return MLP(num_classes, input_shape[0], hidden, cosine_head)
+    if name.startswith(HF_PREFIX):
+        from .pretrained import HFBackbone, PretrainedClassifier, hf_preprocessing
+
+        backbone = HFBackbone(name[len(HF_PREFIX):])
+        return PretrainedClassifier(backbone, backbone.num_features, _head(backbone.num_features, num_classes,
+                                                                           cosine_head),
+                                    hf_preprocessing(name[len(HF_PREFIX):]).size)
     if name in ("resnet50", "resnext50") or name.startswith("timm:"):
         return _backbone(name, num_classes, cosine_head)
     raise ConfigError(f"unknown model.name {name!r}; valid: {', '.join(MODELS)}")

@@ -1,0 +1,122 @@
+"""Pretrained backbones behind one small interface: pooled features, their width, and the preprocessing (input
+size, mean, std) the backbone expects. The classifier head, the losses and the engine never ask where a backbone
+came from.
+
+``model.name=hf:<hub id or local folder>``: any vision model that ``transformers``' ``AutoModel`` loads (ViT,
+DINOv2, ConvNeXt, Swin, ResNet, ...; for CLIP and SigLIP the vision tower), with its image processor's size, mean
+and std. Offline use works from a local folder and the Hugging Face cache (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a pretrained backbone expects of its input images."""
+
+    size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError("model.name=hf:... needs transformers: pip install 'ccar[hf]'") from exc
+    transformers.logging.set_verbosity_error()  # "some weights were not used" on vision towers is expected
+    transformers.logging.disable_progress_bar()  # a bar per model load; ccar shows its own progress
+    return transformers
+
+
+def _not_found(source: str, exc: Exception) -> ConfigError:
+    return ConfigError(f"model.name=hf:{source}: cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                       f"give a local folder saved with save_pretrained, or fetch it once online "
+                       f"(`huggingface-cli download {source}`) and run with HF_HUB_OFFLINE=1")
+
+
+def _side(size) -> int:
+    """The side of a processor's size: a number, or a mapping (a dict, or transformers' SizeDict) of height /
+    shortest_edge / width."""
+    if size is None or isinstance(size, (int, float)):
+        return int(size) if size else 0
+    for key in ("height", "shortest_edge", "width", "longest_edge"):
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return 0
+
+
+def hf_preprocessing(source: str) -> Preprocessing:
+    """The input size, mean and std of ``source``'s image processor (its crop size when it has one)."""
+    transformers = _transformers()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
+    except Exception as exc:  # OSError, ValueError, EnvironmentError from the hub client
+        if "preprocessor_config" in str(exc) or "image processor" in str(exc).lower():
+            raise ConfigError(f"model.name=hf:{source} has no image processor (preprocessor_config.json); "
+                              f"a vision model saved with its image processor is needed") from exc
+        raise _not_found(source, exc) from exc
+    size = _side(getattr(processor, "crop_size", None)) or _side(getattr(processor, "size", None))
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if not size or mean is None or std is None:
+        raise ConfigError(f"model.name=hf:{source}: its image processor gives no size, mean and std")
+    return Preprocessing(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+class HFBackbone(nn.Module):
+    """A ``transformers`` vision model as a feature extractor: images (B, 3, H, W) -> pooled features (B, D)."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        transformers = _transformers()
+        try:
+            config = transformers.AutoConfig.from_pretrained(source)
+            if hasattr(config, "vision_config") and not hasattr(config, "num_channels"):  # CLIP, SigLIP: the tower
+                model = transformers.AutoModel.from_pretrained(source)
+                model = getattr(model, "vision_model", model)
+            else:
+                model = transformers.AutoModel.from_pretrained(source)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise _not_found(source, exc) from exc
+        self.model = model
+        cfg = model.config
+        width = getattr(cfg, "hidden_size", None)
+        sizes = getattr(cfg, "hidden_sizes", None)  # ConvNeXt, ResNet, Swin-like: the last stage's width
+        self.num_features = int(sizes[-1] if sizes else width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:  # no pooler: the class token of a transformer, else the mean over positions
+            hidden = out.last_hidden_state
+            pooled = hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+        return pooled.flatten(1)
+
+
+class PretrainedClassifier(nn.Module):
+    """``fc(backbone(x))``: a pretrained backbone and a fresh classifier (linear, or cosine for LDAM).
+
+    Inputs of another size than the backbone's (e.g. 28x28 Fashion-MNIST) are resized on the device (bilinear), and
+    one-channel images repeated to three, so every image dataset can use any backbone."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, head: nn.Module, input_size: int):
+        super().__init__()
+        self.backbone, self.num_features, self.fc, self.input_size = backbone, num_features, head, input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.fc(self.backbone(x))

@@ -1,0 +1,181 @@
+"""Pretrained backbones and fine-tuning modes on tiny random models written with ``save_pretrained`` (as
+``transformers`` tests itself): never a download."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccar import ConfigError
+from ccar.cli import main
+from ccar.engine.config import load_config
+from ccar.engine.evaluate_run import evaluate_run
+from ccar.engine.train import train
+from test_own_data import make_digit_folder, make_folder_tree
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never reaches the hub
+transformers = pytest.importorskip("transformers")
+FAST = ["optim.batch_size=8", "optim.lr=0.05", "threads=1", "progress=false", "val_fraction=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    image_size=16, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.4, 0.4],
+                                   image_std=[0.3, 0.3, 0.3]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_folder_tree(tmp_path_factory.mktemp("photos") / "p", split=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCAR_CACHE", str(tmp_path / "cache"))
+
+
+def run_args(photos, tiny_vit, out, *extra):
+    return ["dataset=folder", f"data_root={photos}", f"model.name=hf:{tiny_vit}", f"out={out}", *FAST, *extra]
+
+
+def backbone_state(tiny_vit):
+    return {f"backbone.model.{k}": v for k, v in transformers.ViTModel.from_pretrained(tiny_vit).state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["linear", "bias", "lora"])
+def test_finetune_modes_train_only_what_they_say(photos, tiny_vit, tmp_path, mode):
+    out = tmp_path / mode
+    metrics = train(load_config(None, run_args(photos, tiny_vit, out, "epochs=2", f"finetune={mode}")),
+                    log=lambda *_: None)
+    saved = load_file(out / "last.safetensors")  # only what the run trained: the base weights are named by config
+    fc = {"fc.weight", "fc.bias"}
+    if mode == "linear":
+        assert set(saved) == fc
+    elif mode == "bias":
+        assert fc < set(saved) and all(k in fc or k.endswith(".bias") for k in saved)
+    else:
+        assert fc < set(saved) and all(k in fc or "lora_" in k for k in saved)
+    from ccar.engine.setup import dataset_from_config, model_from_config
+
+    cfg = load_config(str(out / "config.yaml"))
+    model = model_from_config(cfg, dataset_from_config(cfg))
+    from ccar.engine.finetune import load_trained
+
+    load_trained(model, saved, mode)
+    base = backbone_state(tiny_vit)
+    state = model.state_dict()
+    for k, v in base.items():  # the pretrained weights themselves are untouched (LoRA wraps them as base_layer)
+        module, param = k.rsplit(".", 1)
+        key = k if k in state else f"{module}.base_layer.{param}"
+        if mode == "bias" and k.endswith(".bias"):
+            continue
+        assert torch.equal(state[key], v), k
+    if mode == "bias":
+        assert any(not torch.equal(state[k], base[k]) for k in base if k.endswith(".bias"))
+    assert evaluate_run(out, "last")["metrics"]["per_class"] == metrics["last"]["per_class"]
+    data = json.loads((out / "data.json").read_text())
+    assert data["image_size"] == 16 and data["mean"] == [0.4, 0.4, 0.4] and data["input_shape"] == [3, 16, 16]
+
+
+def test_pretrained_run_resumes_bit_identically_and_predicts_like_eval(photos, tiny_vit, tmp_path):
+    opts = ("finetune=lora", "optim.schedule=constant", "optim.backbone_lr=0.01")
+    train(load_config(None, run_args(photos, tiny_vit, tmp_path / "a", "epochs=2", *opts)), log=lambda *_: None)
+    train(load_config(None, run_args(photos, tiny_vit, tmp_path / "b", "epochs=1", *opts)), log=lambda *_: None)
+    train(load_config(None, run_args(photos, tiny_vit, tmp_path / "b", "epochs=2", *opts)), resume=True,
+          log=lambda *_: None)
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = evaluate_run(tmp_path / "a", "best")["metrics"]
+    assert main(["predict", str(tmp_path / "a"), str(photos / "test"), "--out", str(tmp_path / "p.csv")]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    per_class = [100.0 * np.mean([r["top1"] == n for r in rows if f"/test/{n}/" in r["input"]])
+                 for n in ("ant", "bee", "cow")]
+    assert per_class == pytest.approx(metrics["per_class"])
+    crt = tmp_path / "crt"  # the second stage re-trains the classifier of the LoRA run
+    assert main(["retrain", str(tmp_path / "a"), "method=crt", "epochs=1", f"out={crt}", "progress=false"]) == 0
+    assert set(load_file(crt / "last.safetensors")) >= {"fc.weight", "fc.bias"}
+
+
+def test_optimizer_gives_the_backbone_its_own_rate(photos, tiny_vit, tmp_path):
+    from ccar.engine.setup import dataset_from_config, model_from_config
+    from ccar.engine.train import build_optimizer
+
+    cfg = load_config(None, run_args(photos, tiny_vit, tmp_path / "x", "optim.backbone_lr=0.001", "optim.lr=0.1"))
+    model = model_from_config(cfg, dataset_from_config(cfg))
+    groups = build_optimizer(model, cfg.optim).param_groups
+    head = {id(p) for p in model.fc.parameters()}
+    scales = {g["lr_scale"] for g in groups if g["params"] and all(id(p) in head for p in g["params"])}
+    others = {g["lr_scale"] for g in groups if g["params"] and not any(id(p) in head for p in g["params"])}
+    assert scales == {1.0} and len(others) == 1 and others.pop() == pytest.approx(0.01)
+
+
+def test_a_grey_fixed_size_dataset_runs_through_a_colour_backbone(tiny_vit, tmp_path):
+    digits = make_digit_folder(tmp_path / "digits")
+    out = tmp_path / "run"
+    train(load_config(None, ["dataset=folder", f"data_root={digits}", f"model.name=hf:{tiny_vit}", "epochs=1",
+                             "finetune=linear", f"out={out}", *FAST]), log=lambda *_: None)
+    data = json.loads((out / "data.json").read_text())
+    assert data["input_shape"] == [3, 16, 16]  # colour at the backbone's size: what it was pretrained on
+
+
+def test_model_weights_start_from_a_ccar_run_with_a_new_classifier(tmp_path):
+    digits = make_digit_folder(tmp_path / "digits")
+    three = tmp_path / "three"
+    train(load_config(None, ["dataset=folder", f"data_root={digits}", "model.name=cnn", "model.width=4", "epochs=1",
+                             f"out={three}", *FAST]), log=lambda *_: None)
+    two = make_digit_folder(tmp_path / "two", counts=(8, 4))
+    from ccar.engine.setup import dataset_from_config, model_from_config
+
+    cfg = load_config(None, ["dataset=folder", f"data_root={two}", "model.name=cnn", "model.width=4",
+                             f"model.weights={three / 'best.safetensors'}", "progress=false"])
+    model = model_from_config(cfg, dataset_from_config(cfg))
+    parent = load_file(three / "best.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in parent.items() if not k.startswith("fc."))
+    assert state["fc.weight"].shape[0] == 2  # two classes here: the classifier starts afresh
+    wide = load_config(None, ["dataset=folder", f"data_root={two}", "model.name=cnn", "model.width=8",
+                              f"model.weights={three / 'best.safetensors'}", "progress=false"])
+    with pytest.raises(ConfigError, match="does not fit model"):
+        model_from_config(wide, dataset_from_config(wide))
+
+
+def test_pretrained_errors_are_one_line(photos, tiny_vit, tmp_path, capsys):
+    assert main(["train", *run_args(photos, tmp_path / "nowhere", tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot load it" in err and "HF_HUB_OFFLINE" in err
+    bare = tmp_path / "bare"  # a model saved without its image processor
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=16, image_size=16, patch_size=8)).save_pretrained(bare)
+    assert main(["train", *run_args(photos, bare, tmp_path / "r2")]) == 2
+    assert "has no image processor" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="finetune must be one of full, linear, bias, lora"):
+        load_config(None, ["finetune=half"])
+    with pytest.raises(ConfigError, match="lora.targets: no module named 'nope'"):
+        train(load_config(None, run_args(photos, tiny_vit, tmp_path / "r3", "finetune=lora", "lora.targets=[nope]")))
+
+
+def test_a_sweep_of_head_methods_over_a_pretrained_backbone(photos, tiny_vit, tmp_path):
+    import yaml
+
+    from ccar.sweep import read_results, run_sweep
+
+    spec = {"out": str(tmp_path / "sweep"), "seeds": [0],
+            "base": {"dataset": "folder", "data_root": str(photos), "model.name": f"hf:{tiny_vit}", "epochs": 1,
+                     "finetune": "linear", "optim.batch_size": 8, "threads": 1, "val_fraction": 0.3},
+            "methods": {"CE": {"loss.name": "ce"}, "CCAR-LA": {"loss.name": "ccar", "loss.base": "la"}},
+            "report": {"baselines": {}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    run_sweep(str(tmp_path / "s.yaml"), log=lambda *_: None)
+    rows = read_results(tmp_path / "sweep" / "results.jsonl")
+    assert {r["method"] for r in rows} == {"CE", "CCAR-LA"} and all(r["config"]["finetune"] == "linear" for r in rows)
