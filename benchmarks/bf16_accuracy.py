@@ -5,8 +5,8 @@ intervals). This is the evidence behind ``amp=auto`` (docs/benchmarks.md).
     python benchmarks/bf16_accuracy.py [--seeds 0 1 2 3 4] [--out runs/bf16-accuracy] [--jobs 2]
 
 On a CPU with native bf16 (oneDNN reports it: AVX-512 BF16 or AMX) both precisions run as they would for a user.
-Without it, PyTorch's CPU convolution in bf16 falls back to a reference kernel about 12x slower than float32
-(measured: ~1.0 s against 85 ms per default-CNN step here), so a 5-seed comparison would take hours; there the
+Without it, PyTorch's CPU convolution in bf16 falls back to a reference kernel about 10x slower than float32
+(measured: ~1.0 s against ~0.1 s per default-CNN step here), so a 5-seed comparison would take hours; there the
 script *emulates* bf16 convolutions the way the native kernels compute them: operands rounded to bf16, products
 accumulated in float32, the output rounded to bf16 (and the same for the gradients in backward, which autograd of
 the casts gives). Every other op runs in real bf16 under autocast. ``--check`` prints how close the emulation is

@@ -6,7 +6,7 @@ channels-last) of the default CNN and of ResNet-32, and the default job end to e
     python benchmarks/bf16_speed.py [--epochs 15] [--rounds 2] [--threads 2] [--steps 10]
 
 On a CPU without native bf16 the bf16 step is a measurement of PyTorch's fallback kernels, and the end-to-end rows
-show that ``auto`` stays float32 and costs nothing; the bf16 job is skipped there (~12x slower) unless ``--all``.
+show that ``auto`` stays float32 and costs nothing; the bf16 job is skipped there (~10x slower) unless ``--all``.
 """
 
 from __future__ import annotations
