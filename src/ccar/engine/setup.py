@@ -34,7 +34,8 @@ def save_data_description(data: LongTailData, path: Path) -> None:
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it. Without it PyTorch's bf16
-    convolutions fall back to a reference kernel and a training step is 10-13x slower than float32 (docs/benchmarks.md)."""
+    convolutions fall back to a reference kernel and a training step is 10-13x slower than in float32
+    (docs/benchmarks.md)."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN or without the query
