@@ -148,6 +148,21 @@ def test_string_keys_take_yaml11_words_as_text(word, tmp_path):
         assert load_config(None, [f"compile={word}"]).compile is (word.lower() in ("on", "yes"))
 
 
+def test_amp_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
+    import torch
+
+    from ccar.engine.setup import amp_dtype, native_bf16_cpu
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CCAR_NATIVE_BF16", "1")
+    assert native_bf16_cpu() and amp_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setenv("CCAR_NATIVE_BF16", "0")
+    assert not native_bf16_cpu() and amp_dtype("auto", cpu) is None
+    assert amp_dtype("off", cpu) is None and amp_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.delenv("CCAR_NATIVE_BF16")  # what oneDNN reports (False on this project's AVX2 CPU)
+    assert native_bf16_cpu() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def test_amp_off_from_the_command_line():
     assert load_config(None, ["amp=off"]).amp == "off"
     assert load_config(None, ["channels_last=false", "compile=true"]).channels_last == "false"

@@ -67,8 +67,7 @@ def trained_keys(model: nn.Module, mode: str) -> Set[str]:
     state = model.state_dict()
     if mode == "full":
         return set(state)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k for k in state if k in trainable}
+    return set(state) & {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def saved_state(model: nn.Module, state: Dict[str, torch.Tensor], mode: str) -> Dict[str, torch.Tensor]:
@@ -77,10 +76,10 @@ def saved_state(model: nn.Module, state: Dict[str, torch.Tensor], mode: str) -> 
     return {k: v for k, v in state.items() if k in keep}
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
+def load_pretrained(model: nn.Module, path: str) -> None:
     """Initialise ``model`` from a weight file (``model.weights=FILE.safetensors``, a ccar run's
     ``best.safetensors`` included): every tensor must fit, except the classifier, which is re-initialised when its
-    shape differs (another class count). Returns a note for the run summary."""
+    shape differs (another class count)."""
     from . import checkpoint as ckpt
 
     state = ckpt.load_weights(path)
@@ -94,7 +93,6 @@ def load_pretrained(model: nn.Module, path: str) -> str:
     if wrong or missing or unexpected:
         raise ConfigError(f"model.weights={path} does not fit model (shape differs {wrong[:3]}, missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); use the model settings it was trained with")
-    return f"backbone from {path}" + (", classifier re-initialised (another class count)" if dropped else "")
 
 
 def load_trained(model: nn.Module, state: Dict[str, torch.Tensor], mode: str, where: str = "weights") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -35,7 +36,11 @@ def save_data_description(data: LongTailData, path: Path) -> None:
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it. Without it PyTorch's bf16
     convolutions fall back to a reference kernel and a training step is 10-13x slower than in float32
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). ``CCAR_NATIVE_BF16=0`` or ``1`` overrides the detection (the tests pin 0, so that the same
+    commit computes the same numbers on every CPU)."""
+    override = os.environ.get("CCAR_NATIVE_BF16")
+    if override in ("0", "1"):
+        return override == "1"
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN or without the query

@@ -166,8 +166,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         best_state = ckpt.load_into(model, optimizer, tensors, opt_meta, cfg.finetune)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
     if ctx.is_main:
-        log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}), "
-            f"loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, run folder {run_dir}")
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        start = (f", from {cfg.model.weights}" if cfg.model.weights else "") + (
+            f", finetune={cfg.finetune}: {n_trained / 1e6:.3f} M trained" if cfg.finetune != "full" else "")
+        log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}"
+            f"{start}), loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, "
+            f"run folder {run_dir}")
         with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
     tb = _tensorboard(run_dir) if ctx.is_main else None
