@@ -179,3 +179,30 @@ def test_a_sweep_of_head_methods_over_a_pretrained_backbone(photos, tiny_vit, tm
     run_sweep(str(tmp_path / "s.yaml"), log=lambda *_: None)
     rows = read_results(tmp_path / "sweep" / "results.jsonl")
     assert {r["method"] for r in rows} == {"CE", "CCAR-LA"} and all(r["config"]["finetune"] == "linear" for r in rows)
+
+
+def test_a_linear_probe_runs_its_backbone_in_evaluation_mode(tmp_path):
+    """Fixed features under `linear` (and classifier re-training): no dropout in the frozen backbone; under `lora`
+    dropout stays on and only BatchNorm statistics are frozen."""
+    from ccar.engine.finetune import apply_finetune, set_train_modes
+    from ccar.models import build_model
+
+    folder = tmp_path / "vit"
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    image_size=16, patch_size=8, hidden_dropout_prob=0.5)
+    transformers.ViTModel(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    x = torch.randn(4, 3, 16, 16)
+    for mode, deterministic in (("linear", True), ("lora", False)):
+        model = apply_finetune(build_model(f"hf:{folder}", 3, (3, 16, 16)), mode)
+        model.train()
+        set_train_modes(model, mode)
+        assert model.fc.training and (not model.backbone.training) == deterministic
+        torch.manual_seed(0)
+        a = model(x)
+        b = model(x)
+        assert torch.equal(a, b) == deterministic
+    cnn = build_model("cnn", 3, (1, 8, 8), width=2)
+    cnn.train()
+    set_train_modes(apply_finetune(cnn, "bias"), "bias")
+    assert all(not m.training for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)) and cnn.training

@@ -5,8 +5,8 @@
 - ``bias``: the classifier and every bias of the backbone (BitFit, Ben Zaken et al. 2022);
 - ``lora``: the classifier and low-rank adapters on the backbone's layers (Hu et al. 2022, through ``peft``).
 
-In every mode but ``full`` the backbone's BatchNorm statistics stay frozen, and a run's weight files hold only what
-it trained (plus the classifier): the base weights are named by its config (``model.weights`` or ``model.name``).
+In every mode but ``full`` the backbone's BatchNorm statistics stay frozen (under ``linear`` the whole backbone runs in
+evaluation mode: :func:`set_train_modes`), and a run's weight files hold only what it trained (plus the classifier): the base weights are named by its config (``model.weights`` or ``model.name``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,24 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .decoupling import classifier_name
+from .decoupling import classifier_name, freeze_batchnorm
 
 FINETUNE_MODES = ("full", "linear", "bias", "lora")
 
 
-def backbone_frozen(mode: str) -> bool:
-    return mode != "full"
+def set_train_modes(model: nn.Module, mode: str) -> None:
+    """After ``model.train()``: a backbone that only feeds a trained classifier (``linear``, and every classifier
+    re-training) runs in evaluation mode as a whole -- fixed features, no dropout, BatchNorm statistics kept; under
+    ``bias`` and ``lora`` only BatchNorm statistics stay frozen (dropout regularises the adapted layers as usual)."""
+    if mode == "full":
+        return
+    if mode == "linear":
+        head = classifier_name(model)
+        for name, module in model.named_modules():
+            if name and name != head and not name.startswith(head + "."):
+                module.eval()
+        return
+    freeze_batchnorm(model)
 
 
 def lora_targets(model: nn.Module, head: str) -> List[str]:

@@ -19,9 +19,9 @@ from ..losses import build_loss
 from ..models import NormedLinear
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
-from .decoupling import classifier_name, freeze_batchnorm, prepare_retrain, project_max_norm
+from .decoupling import classifier_name, prepare_retrain, project_max_norm
 from .distributed import init_distributed
-from .finetune import backbone_frozen, load_trained, saved_state
+from .finetune import load_trained, saved_state, set_train_modes
 from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, make_loaders, model_from_config,
                     resolve_device, save_data_description, use_channels_last)
 from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
@@ -187,8 +187,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         loss_fn.set_epoch(epoch)
         _set_epoch(train_loader, epoch)
         net.train()
-        if cfg.retrain or backbone_frozen(cfg.finetune):
-            freeze_batchnorm(model)  # the backbone's statistics stay the first stage's (or the pretrained ones)
+        set_train_modes(model, "linear" if cfg.retrain else cfg.finetune)  # a frozen backbone: fixed features
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
         checked = 0  # steps before this one are known to have finite losses
