@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import torch
@@ -100,7 +101,7 @@ def main() -> None:
         check_emulation()
         return
     out = Path(args.out)
-    threads = max(1, (torch.get_num_threads() if args.jobs == 1 else 2 // args.jobs))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)  # the cores split between concurrent runs
     cells = [(amp, s) for s in args.seeds for amp in ("off", "bf16")]
     with cf.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(run, *zip(*[(a, s, out, threads, not native) for a, s in cells])))
