@@ -11,7 +11,7 @@ evaluation mode: :func:`set_train_modes`), and a run's weight files hold only wh
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -72,19 +72,21 @@ def apply_finetune(model: nn.Module, mode: str, rank: int = 8, alpha: float = 16
     return model
 
 
-def trained_keys(model: nn.Module, mode: str) -> Set[str]:
+def trained_keys(model: nn.Module, mode: str, state: Optional[Dict[str, torch.Tensor]] = None) -> Set[str]:
     """The state-dict keys a run in ``mode`` changes: all of them for ``full``; else the trainable parameters
     (the backbone's buffers, BatchNorm statistics among them, stay as loaded)."""
-    state = model.state_dict()
+    keys = set(model.state_dict() if state is None else state)
     if mode == "full":
-        return set(state)
-    return set(state) & {n for n, p in model.named_parameters() if p.requires_grad}
+        return keys
+    return keys & {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def saved_state(model: nn.Module, state: Dict[str, torch.Tensor], mode: str) -> Dict[str, torch.Tensor]:
-    """What a run's weight files hold: ``state`` limited to :func:`trained_keys`."""
-    keep = trained_keys(model, mode)
-    return {k: v for k, v in state.items() if k in keep}
+def saved_state(model: nn.Module, mode: str, clone: bool = False) -> Dict[str, torch.Tensor]:
+    """What a run's weight files hold: the model's state limited to :func:`trained_keys` (``clone``: a detached
+    copy, for the best and last models kept beside the training one)."""
+    state = model.state_dict()
+    keep = trained_keys(model, mode, state)
+    return {k: (v.detach().clone() if clone else v) for k, v in state.items() if k in keep}
 
 
 def load_pretrained(model: nn.Module, path: str) -> None:

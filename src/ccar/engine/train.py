@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         # balanced test top-1 even though validation is long-tailed like training.
         if val["balanced"] is not None and val["balanced"] > best_val:
             best_val = val["balanced"]
-            best_state = {k: v.detach().clone() for k, v in saved_state(model, model.state_dict(), cfg.finetune).items()}
+            best_state = saved_state(model, cfg.finetune, clone=True)
         eta = (cfg.epochs - epoch - 1) * (elapsed - elapsed_before) / (epoch + 1 - start_epoch)
         if ctx.is_main:
             val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
@@ -251,8 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                         tb.add_scalar(k, v, epoch + 1)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
-                ckpt.save_checkpoint(state_path, saved_state(model, model.state_dict(), cfg.finetune), optimizer,
-                                     best_state, meta)
+                ckpt.save_checkpoint(state_path, saved_state(model, cfg.finetune), optimizer, best_state, meta)
         ctx.barrier()
     bar.close()
     if tb is not None:
@@ -296,7 +295,7 @@ def _tensorboard(run_dir: Path):
 def finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
     run_dir = cfg.run_dir()
-    last_state = {k: v.detach().clone() for k, v in saved_state(model, model.state_dict(), cfg.finetune).items()}
+    last_state = saved_state(model, cfg.finetune, clone=True)
     results = {}
     for which, state in (("last", last_state), ("best", best_state or last_state)):
         load_trained(model, state, cfg.finetune)
