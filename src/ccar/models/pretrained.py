@@ -9,6 +9,7 @@ and std. Offline use works from a local folder and the Hugging Face cache (``HF_
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -55,7 +56,8 @@ def _side(size) -> int:
     return 0
 
 
-def hf_preprocessing(source: str) -> Preprocessing:
+@functools.lru_cache(maxsize=8)
+def hf_preprocessing(source: str) -> Preprocessing:  # read by the data and by the model: once per process
     """The input size, mean and std of ``source``'s image processor (its crop size when it has one)."""
     transformers = _transformers()
     try:
@@ -79,16 +81,11 @@ class HFBackbone(nn.Module):
         super().__init__()
         transformers = _transformers()
         try:
-            config = transformers.AutoConfig.from_pretrained(source)
-            if hasattr(config, "vision_config") and not hasattr(config, "num_channels"):  # CLIP, SigLIP: the tower
-                model = transformers.AutoModel.from_pretrained(source)
-                model = getattr(model, "vision_model", model)
-            else:
-                model = transformers.AutoModel.from_pretrained(source)
-        except ConfigError:
-            raise
-        except Exception as exc:
+            model = transformers.AutoModel.from_pretrained(source)
+        except Exception as exc:  # OSError, ValueError, the hub client's errors
             raise _not_found(source, exc) from exc
+        if hasattr(model.config, "vision_config"):  # CLIP, SigLIP (image and text towers): the vision tower
+            model = model.vision_model
         self.model = model
         cfg = model.config
         width = getattr(cfg, "hidden_size", None)
