@@ -162,6 +162,10 @@ def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):
     ds = ImageFileDataset(ImageFiles([tmp_path / "big.png"], torch.zeros(1, dtype=torch.long).numpy()), train=False, size=8)
     with pytest.raises(DataError, match=r"cannot decode image .*big\.png.*decompression bomb"):
         ds[0]
+    from ccar.data.folders import survey_images  # image_size=auto reads headers first: refused there too
+
+    with pytest.raises(DataError, match=r"cannot decode image .*big\.png.*decompression bomb"):
+        survey_images([tmp_path / "big.png"])
 
 
 # --- fuzzing the configuration parsers and the CLI ---------------------------------------------------------------------

@@ -98,10 +98,15 @@ def folder_splits(root: Path, test_fraction: float = 0.2, seed: int = 0):
     return ([paths[i] for i in train_pos], labels[train_pos]), ([paths[i] for i in test_pos], labels[test_pos]), names, layout
 
 
+# What Pillow raises on damaged files (its UnidentifiedImageError is an OSError) -- the set fuzzing found.
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError,
+              struct.error)
+
+
 def load_image(path: Path, mode: str = "RGB"):
     """An image file decoded by Pillow and converted to ``mode``; any decode error -- and an image above Pillow's
     pixel limit, whose warning is raised as an error here -- is a :class:`DataError` naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -111,8 +116,7 @@ def load_image(path: Path, mode: str = "RGB"):
                 return im.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError,
-            ZeroDivisionError, struct.error) as exc:  # what Pillow's decoders raise on damaged files (found by fuzzing)
+    except PIL_ERRORS as exc:
         raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -162,7 +166,7 @@ class ImageSurvey:
 
 def survey_images(paths: Sequence[Path], seed: int = 0, sample: int = SURVEY_SAMPLE) -> ImageSurvey:
     """Read the headers (not the pixels) of up to ``sample`` of ``paths``, chosen with ``seed``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     paths = list(paths)
     if len(paths) > sample:
@@ -173,7 +177,7 @@ def survey_images(paths: Sequence[Path], seed: int = 0, sample: int = SURVEY_SAM
             with Image.open(p) as im:
                 sizes.append(im.size)
                 grey = grey and im.mode in GREY_MODES
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, struct.error) as exc:
+        except (Image.DecompressionBombError,) + PIL_ERRORS as exc:  # the same set as load_image
             raise DataError(f"cannot decode image {p}: {type(exc).__name__}: {exc}") from exc
     return ImageSurvey(sizes, grey)
 
