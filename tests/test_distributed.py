@@ -60,3 +60,22 @@ def test_checkpoint_resumes_under_a_different_world_size(tmp_path):
     torchrun(1, common + ["epochs=3", "optim.batch_size=16", "optim.schedule=constant", "--resume"], tmp_path)
     history = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_linear_probe_gathers_every_rank_s_features(tmp_path):
+    """Under torchrun each rank runs the frozen backbone over its shard; the gathered features, in the split's
+    order, train the same classifier as one process."""
+    root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
+    common = ["dataset=csv", f"data_root={root}", "val_fraction=0", "model.name=mlp", "model.hidden=[6]",
+              "finetune=linear", "epochs=2", "loss.name=la", "threads=1", "progress=false"]
+    torchrun(1, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"], tmp_path)
+    two = torchrun(2, common + ["optim.batch_size=8", f"out={tmp_path / 'two'}"], tmp_path)
+    assert "features: the frozen backbone ran once" in two.stdout
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1["per_class"] == m2["per_class"]
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
+    assert w1.keys() == {"fc.weight", "fc.bias"} and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)

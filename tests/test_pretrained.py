@@ -179,6 +179,8 @@ def test_a_sweep_of_head_methods_over_a_pretrained_backbone(photos, tiny_vit, tm
     run_sweep(str(tmp_path / "s.yaml"), log=lambda *_: None)
     rows = read_results(tmp_path / "sweep" / "results.jsonl")
     assert {r["method"] for r in rows} == {"CE", "CCAR-LA"} and all(r["config"]["finetune"] == "linear" for r in rows)
+    # the two methods share one frozen backbone: its features were computed once, into the sweep's runs folder
+    assert len(list((tmp_path / "sweep" / "runs" / "features").glob("*.safetensors"))) == 1
 
 
 def test_a_linear_probe_runs_its_backbone_in_evaluation_mode(tmp_path):
@@ -206,3 +208,123 @@ def test_a_linear_probe_runs_its_backbone_in_evaluation_mode(tmp_path):
     cnn.train()
     set_train_modes(apply_finetune(cnn, "bias"), "bias")
     assert all(not m.training for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)) and cnn.training
+
+
+def tiny_clip(folder):
+    """A random CLIP (image and text towers) with a character-level tokenizer, saved as a hub model would be."""
+    letters = "abcdefghijklmnopqrstuvwxyz."
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=12)
+    transformers.CLIPModel(config).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def test_a_text_initialised_head_starts_as_the_zero_shot_classifier(photos, tiny_vit, tmp_path):
+    from ccar.engine.setup import dataset_from_config, init_head_from_text, model_from_config
+
+    clip = tiny_clip(tmp_path / "clip")
+    cfg = load_config(None, run_args(photos, clip, tmp_path / "r", "head.init=text", "head.prompt=a {} here."))
+    data = dataset_from_config(cfg)
+    model = model_from_config(cfg, data)
+    init_head_from_text(model, cfg, data)
+    model.eval()
+    x = torch.rand(4, 3, 16, 16)
+    full = transformers.CLIPModel.from_pretrained(clip).eval()
+    tokens = transformers.AutoTokenizer.from_pretrained(clip)([f"a {n} here." for n in data.class_names],
+                                                              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        zero_shot = full(pixel_values=x, **tokens).logits_per_image
+        assert torch.allclose(model(x), zero_shot, atol=1e-5)
+    assert data.class_names == ["ant", "bee", "cow"]
+    metrics = train(load_config(None, run_args(photos, clip, tmp_path / "run", "head.init=text", "epochs=1",
+                                               "finetune=linear")), log=lambda *_: None)
+    assert len(metrics["per_class"]) == 3
+    vit = load_config(None, run_args(photos, tiny_vit, tmp_path / "r2", "head.init=text"))
+    with pytest.raises(ConfigError, match="needs a model with a text tower"):
+        init_head_from_text(model_from_config(vit, data), vit, data)
+    with pytest.raises(ConfigError, match="head.init must be random unless the model is a CLIP or SigLIP"):
+        load_config(None, ["head.init=text", "model.name=cnn"])
+    with pytest.raises(ConfigError, match="head.prompt must be a text with {}"):
+        load_config(None, ["head.prompt=a photo", "model.name=hf:x", "head.init=text"])
+
+
+class _TimmNet(torch.nn.Module):
+    """What timm.create_model returns, in small: features, `num_features`, a classifier timm can leave out."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.num_features = 6
+        self.head = torch.nn.Linear(6, num_classes) if num_classes else torch.nn.Identity()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    """timm does not import beside the CPU torch wheel here: a stand-in with the parts of timm's API that ccar
+    calls (create_model with pretrained / num_classes / pretrained_cfg_overlay, models.get_pretrained_cfg) checks
+    ccar's side of it. Like timm, it drops the classifier of a weight file for another class count."""
+    import types
+
+    def create_model(name, pretrained=False, num_classes=1000, pretrained_cfg_overlay=None):
+        if name != "tiny_net":
+            raise RuntimeError(f"Unknown model ({name})")
+        model = _TimmNet(num_classes)
+        if pretrained:
+            file = (pretrained_cfg_overlay or {}).get("file")
+            if file is None:
+                raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+            state = {k: v for k, v in load_file(file).items() if not k.startswith("head.")}
+            model.load_state_dict(state, strict=False)
+        return model
+
+    def get_pretrained_cfg(name):
+        return types.SimpleNamespace(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) \
+            if name == "tiny_net" else None
+
+    timm = types.SimpleNamespace(create_model=create_model, models=types.SimpleNamespace(get_pretrained_cfg=get_pretrained_cfg))
+    monkeypatch.setitem(__import__("sys").modules, "timm", timm)
+    return timm
+
+
+def test_timm_pretrained_weights_from_a_local_file(photos, tmp_path, fake_timm, capsys):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    weights = tmp_path / "tiny_net.safetensors"
+    save_file(_TimmNet(1000).state_dict(), weights)  # an ImageNet checkpoint: 1000 classes
+    args = ["dataset=folder", f"data_root={photos}", "model.name=timm:tiny_net", "model.pretrained=true",
+            f"model.weights={weights}", "epochs=1", "finetune=linear", *FAST]
+    metrics = train(load_config(None, args + [f"out={tmp_path / 'run'}"]), log=lambda *_: None)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["image_size"] == 16 and data["mean"] == [0.5, 0.5, 0.5] and data["std"] == [0.25, 0.25, 0.25]
+    from ccar.engine.setup import dataset_from_config, model_from_config
+
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"))
+    model = model_from_config(cfg, dataset_from_config(cfg))
+    file = load_file(weights)
+    assert torch.equal(model.backbone.conv.weight, file["conv.weight"]) and model.fc.weight.shape == (3, 6)
+    assert evaluate_run(tmp_path / "run", "last")["metrics"]["per_class"] == metrics["last"]["per_class"]
+    offline = [a for a in args if not a.startswith("model.weights")] + [f"out={tmp_path / 'r2'}"]
+    assert main(["train", *offline]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "timm cannot build it" in err and "model.weights=FILE" in err
+    with pytest.raises(ConfigError, match="model.pretrained must be false unless model.name=timm"):
+        load_config(None, ["model.pretrained=true", "model.name=cnn"])
+    with pytest.raises(ConfigError, match="timm knows no pretrained weights of that name"):
+        from ccar.models import timm_preprocessing
+
+        timm_preprocessing("nope")

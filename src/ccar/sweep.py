@@ -184,22 +184,26 @@ def training_identity(overrides: tuple) -> str:
     from .engine.config import load_config, to_dict
 
     resolved = to_dict(load_config(None, list(overrides)))
-    for key in EVAL_ONLY + ("out", "progress", "threads"):
+    for key in EVAL_ONLY + ("out", "progress", "threads", "feature_cache"):
         resolved.pop(key)
     return json.dumps(resolved, sort_keys=True)
 
 
-def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None) -> Dict[str, Any]:
+def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None,
+              feature_dir: Optional[str] = None) -> Dict[str, Any]:
     """Train one cell (in this process or a worker); returns its results line. ``shared_dir``: the finished run of
     the cell this one shares its training with (:attr:`Cell.shares`): a two-stage cell re-trains its classifier
-    from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way."""
+    from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way.
+    ``feature_dir``: where cells over one frozen backbone (finetune=linear) keep its features, computed once."""
     from .engine.config import apply_overrides, load_config, to_dict
     from .engine.train import train
     from .report.sweep_report import hardware
 
     cfg = load_config(None, cell.overrides)
     first_dir = Path(shared_dir if shared_dir and cell.stage2 is not None else run_dir)
-    apply_overrides(cfg, [f"out={first_dir}", "progress=false"] + ([f"threads={threads}"] if threads else []))
+    features = [f"feature_cache={feature_dir}"] if feature_dir and not cfg.feature_cache else []
+    common = ["progress=false"] + ([f"threads={threads}"] if threads else []) + features
+    apply_overrides(cfg, [f"out={first_dir}"] + common)
     if shared_dir and cell.stage2 is None and not (first_dir / "checkpoint.safetensors").exists():
         first_dir.mkdir(parents=True, exist_ok=True)  # the shared run's last epoch: train() resumes past the loop
         shutil.copyfile(Path(shared_dir) / "checkpoint.safetensors", first_dir / "checkpoint.safetensors")
@@ -216,8 +220,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
         first = metrics["top1"]
         method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
         out2 = f"{run_dir}-{method}"
-        cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}", "progress=false"]
-                             + ([f"threads={threads}"] if threads else []))
+        cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}"] + common)
         metrics = train(cfg, resume=(Path(out2) / "checkpoint.safetensors").exists(), log=lambda *_: None)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy")
@@ -310,7 +313,8 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                         and (c.shares is None or c.shares in done)]
 
             def cell_args(cell):
-                return cell, str(runs_root / cell.key), threads, cell.shares and str(runs_root / cell.shares)
+                return (cell, str(runs_root / cell.key), threads, cell.shares and str(runs_root / cell.shares),
+                        str(runs_root / "features"))
 
             started: set = set()
             if jobs == 1:

@@ -211,6 +211,7 @@ class DataRequest:
     in_memory: str = "auto"  # folder: auto | true | false
     channels: Optional[int] = None  # folder: 3 forces colour (a pretrained backbone needs it); None: from the images
     progress: bool = True
+    classes: Optional[List[int]] = None  # synthetic long tails: these source classes only, relabelled 0..k-1
     gaussian: GaussianShape = field(default_factory=GaussianShape)  # gaussian-lt
 
     @property
@@ -262,6 +263,9 @@ def build_dataset(name: str, data_root: Optional[str] = None, imbalance: Optiona
             raise DataError(f"{name} is a natural long tail; imbalance={imbalance} does not apply (leave it unset)")
         if n_max is not None:
             raise DataError(f"{name} is a natural long tail; n_max={n_max} does not apply (leave it unset)")
+    if options.get("classes") is not None and name not in SYNTHETIC_LT:
+        raise DataError(f"classes= picks classes of a synthetic long tail ({', '.join(SYNTHETIC_LT)}); "
+                        f"{name} takes its classes as they come")
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DataRequest)})
     if unknown:
         raise DataError(f"build_dataset: unknown option {unknown[0]!r}")
@@ -291,6 +295,11 @@ def _build_synthetic(req: DataRequest) -> LongTailData:
     source = name[:-3]
     mean, std, num_classes = _STATS[source]
     x, y = _cached_source(source, data_root, "train")
+    xt, yt = _cached_source(source, data_root, "test")
+    picked = ""
+    if req.classes is not None:  # e.g. classes 0-4 upstream (pretraining), 5-9 downstream (a transfer study)
+        x, y, xt, yt, num_classes = _keep_classes(name, req.classes, num_classes, x, y, xt, yt)
+        picked = f"source classes {list(req.classes)} as 0..{num_classes - 1}; "
     available = np.bincount(y, minlength=num_classes)
     head = int(available.min()) if n_max is None else int(n_max)
     imbalance = 100.0 if imbalance is None else imbalance
@@ -301,17 +310,30 @@ def _build_synthetic(req: DataRequest) -> LongTailData:
         raise DataError(f"{name}: class {c} has {available[c]} training images, fewer than the {counts[c]} that "
                         f"n_max={head} asks for; use n_max <= {int(available.min())} or leave it unset")
     keep = long_tail_indices(y, counts, seed=0)
-    note = (f"head n_max={head} ({'the smallest source class' if n_max is None else 'set by n_max'}; "
+    note = picked + (f"head n_max={head} ({'the smallest source class' if n_max is None else 'set by n_max'}; "
             f"source classes hold {int(available.min())}..{int(available.max())})")
     train, val = _carve_val(x[keep], y[keep], req.val_fraction, req.seed)
-    test = tuple(np.array(a) for a in _cached_source(source, data_root, "test"))
+    test = (np.array(xt), np.array(yt))
     is_cifar = source.startswith("cifar")
     augment = Augment(crop_padding=4 if is_cifar else 2, flip=source != "mnist", mean=mean, std=std)
     return LongTailData(
         name, num_classes, _tensors(train), _tensors(val), _tensors(test),
-        _counts(train[1], num_classes, name), [str(i) for i in range(num_classes)], augment,
+        _counts(train[1], num_classes, name), [str(c) for c in (req.classes or range(num_classes))], augment,
         tuple(x.shape[1:]), "image", note,
     )
+
+
+def _keep_classes(name, classes, num_classes, x, y, xt, yt):
+    """The rows of ``classes`` (source labels, each once), relabelled 0..k-1 in the order given."""
+    classes = [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+        raise DataError(f"{name}: classes must be 2 or more distinct source classes in 0..{num_classes - 1}; "
+                        f"got {classes}")
+    relabel = np.full(num_classes, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    keep, keep_t = relabel[y] >= 0, relabel[yt] >= 0
+    return x[keep], relabel[y[keep]], xt[keep_t], relabel[yt[keep_t]], len(classes)
 
 
 @register_dataset("gaussian-lt")

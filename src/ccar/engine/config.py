@@ -63,6 +63,7 @@ class ModelConfig:
     hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
     head: str = "auto"  # linear, cosine; auto = cosine for LDAM
     weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
+    pretrained: bool = False  # timm:<name>: timm's pretrained weights (hub/cache, or model.weights as timm's file)
 
 
 @dataclass
@@ -70,6 +71,12 @@ class LoraOptions:
     rank: int = 8
     alpha: float = 16.0
     targets: List[str] = field(default_factory=list)  # module names; [] = every linear layer (else conv) of the backbone
+
+
+@dataclass
+class HeadInit:
+    init: str = "random"  # random, or text: CLIP/SigLIP's class-name text embeddings (a zero-shot start; LIFT)
+    prompt: str = "a photo of a {}."  # head.init=text: the text of each class, its name in place of {}
 
 
 @dataclass
@@ -100,6 +107,7 @@ class TrainConfig:
     imbalance: Optional[float] = None  # default 100 for the synthetic long tails
     n_max: Optional[int] = None  # synthetic long tails: images of the head class (default: the smallest source class)
     profile: str = "exp"
+    classes: Optional[List[int]] = None  # synthetic long tails: a subset of the source's classes (relabelled 0..k-1)
     val_fraction: float = 0.1
     seed: int = 0
     epochs: int = 15
@@ -123,6 +131,8 @@ class TrainConfig:
     sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch instead of each process's
     finetune: str = "full"  # which parameters train: full, linear (classifier), bias (+ biases), lora (+ adapters)
+    cache_features: str = "auto"  # frozen backbone: classifier trained on features computed once (auto: finetune=linear)
+    feature_cache: Optional[str] = None  # folder keeping those features between runs (a sweep: its features/)
     retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws or ft (classifier re-training of a parent run)
     parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
     checkpoint_every: int = 1  # epochs
@@ -130,6 +140,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    head: HeadInit = field(default_factory=HeadInit)  # how the classifier starts (model.head: its kind)
     lora: LoraOptions = field(default_factory=LoraOptions)  # finetune=lora
     optim: OptimConfig = field(default_factory=OptimConfig)
     synthetic: GaussianShape = field(default_factory=GaussianShape)  # dataset=gaussian-lt (ccar.data.synthetic)
@@ -281,6 +292,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from .finetune import FINETUNE_MODES
 
     _check(cfg.finetune in FINETUNE_MODES, "finetune", f"one of {', '.join(FINETUNE_MODES)}", cfg.finetune)
+    _check(cfg.cache_features in ("auto", "true", "false"), "cache_features", "auto, true or false", cfg.cache_features)
+    _check(cfg.cache_features != "true" or cfg.finetune == "linear" or cfg.retrain is not None, "cache_features",
+           f"true only for a frozen backbone (finetune=linear, or `ccar retrain`; finetune={cfg.finetune} trains it)",
+           cfg.cache_features)
+    _check(not cfg.model.pretrained or cfg.model.name.startswith("timm:"), "model.pretrained",
+           "false unless model.name=timm:<name> (hf: models are pretrained; others start from model.weights)",
+           cfg.model.pretrained)
+    _check(cfg.head.init in ("random", "text"), "head.init", "random or text", cfg.head.init)
+    _check(cfg.head.init != "text" or cfg.model.name.startswith("hf:"), "head.init",
+           "random unless the model is a CLIP or SigLIP model (model.name=hf:...)", cfg.head.init)
+    _check("{}" in cfg.head.prompt, "head.prompt", "a text with {} where the class name goes", cfg.head.prompt)
     _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
     _check(o.backbone_lr is None or o.backbone_lr >= 0, "optim.backbone_lr", "a number >= 0", o.backbone_lr)
     _check(cfg.augment.flip in ("auto", "true", "false"), "augment.flip", "auto, true or false", cfg.augment.flip)

@@ -35,15 +35,24 @@ def logit_metrics(logits, targets, batches, device, counts, ctx: DistContext, po
     """Metrics of this rank's logits over ``batches``: scaled, gathered across ranks, post-hoc adjusted."""
     logits = logits * logit_scale
     if ctx.enabled:
-        n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
-        logits, targets = ctx.all_gather_cat(logits.to(device)).cpu(), ctx.all_gather_cat(targets.to(device)).cpu()
-        # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
-        per = len(logits) // ctx.world_size
-        order = torch.arange(per * ctx.world_size).view(ctx.world_size, per).t().reshape(-1)
-        logits, targets = logits[order][:n], targets[order][:n]
+        logits, targets = gather_in_order(ctx, logits.to(device), targets.to(device), batches)
+        logits, targets = logits.cpu(), targets.cpu()
     if posthoc_tau:
         logits = posthoc_logit_adjustment(logits, counts, posthoc_tau)
     return classification_metrics(logits, targets, counts)
+
+
+def gather_in_order(ctx: DistContext, values: torch.Tensor, targets: torch.Tensor, batches
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows of a split (``batches``: its evaluation loader) gathered back into the split's order."""
+    if not ctx.enabled:
+        return values, targets
+    n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
+    values, targets = ctx.all_gather_cat(values), ctx.all_gather_cat(targets)
+    # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
+    per = len(values) // ctx.world_size
+    order = torch.arange(per * ctx.world_size, device=values.device).view(ctx.world_size, per).t().reshape(-1)
+    return values[order][:n], targets[order][:n]
 
 
 def split_size(split) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader
 from ..errors import ConfigError, TrainingError
-from ..models import HF_PREFIX, build_model
+from ..models import HF_PREFIX, TIMM_PREFIX, build_model
 from .config import TrainConfig
 from .decoupling import wrap_lws
 from .distributed import DistContext
@@ -75,19 +75,31 @@ def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
     return choices[mode]
 
 
-def dataset_from_config(cfg: TrainConfig) -> LongTailData:
-    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank. With a
-    pretrained backbone, images come at its input size (``image_size=auto``), in colour, normalised its way."""
-    image_size, channels, pretrained = cfg.image_size_value, None, None
+def backbone_preprocessing(cfg: TrainConfig):
+    """The input size, mean and std a pretrained backbone expects (``hf:`` models, ``timm:`` with
+    ``model.pretrained``); None for models trained from scratch."""
     if cfg.model.name.startswith(HF_PREFIX):
         from ..models.pretrained import hf_preprocessing
 
-        pretrained = hf_preprocessing(cfg.model.name[len(HF_PREFIX):])
+        return hf_preprocessing(cfg.model.name[len(HF_PREFIX):])
+    if cfg.model.name.startswith(TIMM_PREFIX) and cfg.model.pretrained:
+        from ..models import timm_preprocessing
+
+        return timm_preprocessing(cfg.model.name[len(TIMM_PREFIX):])
+    return None
+
+
+def dataset_from_config(cfg: TrainConfig) -> LongTailData:
+    """The configured dataset (splits, class counts) -- the same for training, evaluation and every rank. With a
+    pretrained backbone, images come at its input size (``image_size=auto``), in colour, normalised its way."""
+    image_size, channels, pretrained = cfg.image_size_value, None, backbone_preprocessing(cfg)
+    if pretrained is not None:
         image_size, channels = pretrained.size if image_size == "auto" else image_size, 3
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.imbalance, cfg.profile, cfg.val_fraction, cfg.seed,
                          n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
                          test_fraction=cfg.test_fraction, image_size=image_size, in_memory=cfg.in_memory,
-                         progress=cfg.progress, gaussian=cfg.synthetic, channels=channels)
+                         progress=cfg.progress, gaussian=cfg.synthetic, channels=channels,
+                         classes=cfg.classes)
     if pretrained is not None and data.image_size:  # one-channel sets (resized and repeated by the model): the mean
         grey = data.input_shape[0] == 1
         mean = (sum(pretrained.mean) / 3,) if grey else pretrained.mean
@@ -137,12 +149,34 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
                           f"per row: use model.name=mlp (model.hidden=[] is a linear model)")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
-                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine)
-    if cfg.model.weights:
+                        depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine,
+                        pretrained=cfg.model.pretrained, weights=cfg.model.weights)
+    if cfg.model.weights and not (cfg.model.pretrained and cfg.model.name.startswith(TIMM_PREFIX)):  # timm's own
         load_pretrained(model, cfg.model.weights)
     if cfg.retrain == "lws":
         model = wrap_lws(model, data.num_classes)
     return apply_finetune(model, cfg.finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+
+
+@torch.no_grad()
+def init_head_from_text(model: torch.nn.Module, cfg: TrainConfig, data: LongTailData) -> None:
+    """``head.init=text``: the classifier of a CLIP/SigLIP backbone starts as its zero-shot classifier over the
+    class names (a linear head: rows = scaled text embeddings; a cosine head: their directions)."""
+    from ..models import NormedLinear
+    from ..models.pretrained import text_classifier
+    from .decoupling import classifier
+
+    weight, bias = text_classifier(cfg.model.name[len(HF_PREFIX):], data.class_names, cfg.head.prompt)
+    head = classifier(model)
+    if isinstance(head, NormedLinear):
+        head.weight.copy_(weight.t())
+    elif isinstance(head, torch.nn.Linear) and head.weight.shape == weight.shape:
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.copy_(bias)
+    else:
+        raise ConfigError(f"head.init=text: the classifier ({type(head).__name__}, {tuple(head.weight.shape)}) does "
+                          f"not take the {weight.shape[1]}-dimensional text embeddings of {cfg.model.name}")
 
 
 def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx: DistContext):

@@ -21,9 +21,10 @@ from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
 from .decoupling import classifier_name, prepare_retrain, project_max_norm
 from .distributed import init_distributed
+from .features import cached_features, head_only, uses_cache
 from .finetune import load_trained, saved_state, set_train_modes
-from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, make_loaders, model_from_config,
-                    resolve_device, save_data_description, use_channels_last)
+from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, init_head_from_text, make_loaders,
+                    model_from_config, resolve_device, save_data_description, use_channels_last)
 from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
 from .sync_bn import convert_sync_batchnorm
 
@@ -135,7 +136,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         cfg.model.name, why = auto_model(data.input_shape)
         if ctx.is_main:
             log(f"model.name=auto: {cfg.model.name} ({why})")
-    model = model_from_config(cfg, data).to(device)
+    model = model_from_config(cfg, data)
+    if cfg.head.init == "text" and not resume and not cfg.retrain:  # (a resumed run's head is in its checkpoint)
+        init_head_from_text(model, cfg, data)
+    model = model.to(device)
     if cfg.retrain:  # second stage: the parent's best model, all but the classifier frozen
         prepare_retrain(model, cfg.retrain, ckpt.load_weights(Path(cfg.parent) / "best.safetensors"), cfg.finetune)
     if cfg.sync_bn and ctx.enabled:
@@ -157,6 +161,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     dtype = amp_dtype(cfg.amp, device)
     train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
     prepare = lambda x: normalize(x, data.augment, channels_last)  # noqa: E731
+    if uses_cache(cfg):  # a frozen backbone: its features once, then the classifier alone trains on them
+        data = cached_features(cfg, data, model, eval_batches, prepare, device, dtype, ctx, log)
+        train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
+        prepare = lambda x: x  # noqa: E731
+        head_only(model)  # from here on model(features) = its classifier's logits
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     step_fn = torch.compile(net) if cfg.compile else net
 
@@ -168,7 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if ctx.is_main:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         start = (f", from {cfg.model.weights}" if cfg.model.weights else "") + (
-            f", finetune={cfg.finetune}: {n_trained / 1e6:.3f} M trained" if cfg.finetune != "full" else "")
+            f", finetune={cfg.finetune}: {n_trained:,} trained" if cfg.finetune != "full" else "")
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}"
             f"{start}), loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, "
             f"run folder {run_dir}")

@@ -3,7 +3,7 @@ torchvision/timm backbones when those optional extras are installed."""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from ..errors import ConfigError
 
 MODELS = ("auto", "resnet32", "cnn", "mlp", "resnet50", "resnext50", "timm:<name>", "hf:<hub id or folder>")
 HF_PREFIX = "hf:"
+TIMM_PREFIX = "timm:"
 STEM_FROM = 96  # ResNet-32 on inputs this large or larger starts with a stride-4 stem
 
 
@@ -122,17 +123,46 @@ class MLP(nn.Module):
         return self.fc(self.features(x))
 
 
-def _backbone(name: str, num_classes: int, cosine_head: bool) -> nn.Module:
-    if name.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise ConfigError(f"model.name={name} needs timm: pip install 'ccar[vision]'") from exc
-        model = timm.create_model(name[5:], pretrained=False, num_classes=num_classes)
-        if cosine_head:
-            model.reset_classifier(0)
-            model = nn.Sequential(model, NormedLinear(model.num_features, num_classes))
-        return model
+def _timm():
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or a timm built against another torch (as beside the CPU wheel)
+        raise ConfigError(f"model.name=timm:... needs timm importable beside your torch ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); pip install 'ccar[vision]'") from exc
+    return timm
+
+
+def timm_preprocessing(name: str):
+    """Input size, mean and std of timm model ``name``'s pretrained weights (its ``pretrained_cfg``)."""
+    from .pretrained import Preprocessing
+
+    cfg = _timm().models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ConfigError(f"model.name=timm:{name}: timm knows no pretrained weights of that name "
+                          f"(`timm.list_pretrained('{name.split('.')[0]}*')` lists them)")
+    return Preprocessing(int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std))
+
+
+def _timm_model(name: str, num_classes: int, cosine_head: bool, pretrained: bool, weights: Optional[str]) -> nn.Module:
+    """A timm backbone (its own classifier removed) behind ccar's classifier, as a :class:`PretrainedClassifier`.
+    ``pretrained``: timm loads the weights -- from the hub (or its cache), or from ``weights`` through timm's own
+    ``pretrained_cfg_overlay`` (a local file; timm drops a classifier of another class count)."""
+    from .pretrained import PretrainedClassifier
+
+    timm = _timm()
+    overlay = {"pretrained_cfg_overlay": {"file": str(weights)}} if pretrained and weights else {}
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **overlay)
+    except Exception as exc:  # unknown model (RuntimeError), unreachable hub, unreadable file
+        hint = "" if weights or not pretrained else "; offline, give the weight file with model.weights=FILE"
+        raise ConfigError(f"model.name=timm:{name}: timm cannot build it ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from exc
+    width = int(backbone.num_features)
+    size = timm_preprocessing(name).size if pretrained else None
+    return PretrainedClassifier(backbone, width, _head(width, num_classes, cosine_head), size)
+
+
+def _torchvision(name: str, num_classes: int, cosine_head: bool) -> nn.Module:
     try:
         import torchvision
     except Exception as exc:  # ImportError, or torchvision built for another torch
@@ -148,7 +178,8 @@ def _backbone(name: str, num_classes: int, cosine_head: bool) -> nn.Module:
 
 def build_model(
     name: str, num_classes: int, input_shape: Tuple[int, ...], *, width: int = 32, depth: int = 32,
-    hidden: Sequence[int] = (256, 256), cosine_head: bool = False,
+    hidden: Sequence[int] = (256, 256), cosine_head: bool = False, pretrained: bool = False,
+    weights: Optional[str] = None,
 ) -> nn.Module:
     """Build model ``name`` for inputs of ``input_shape`` (C, H, W) or (F,).
 
@@ -170,6 +201,8 @@ def build_model(
         return PretrainedClassifier(backbone, backbone.num_features, _head(backbone.num_features, num_classes,
                                                                            cosine_head),
                                     hf_preprocessing(name[len(HF_PREFIX):]).size)
-    if name in ("resnet50", "resnext50") or name.startswith("timm:"):
-        return _backbone(name, num_classes, cosine_head)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name[len(TIMM_PREFIX):], num_classes, cosine_head, pretrained, weights)
+    if name in ("resnet50", "resnext50"):
+        return _torchvision(name, num_classes, cosine_head)
     raise ConfigError(f"unknown model.name {name!r}; valid: {', '.join(MODELS)}")

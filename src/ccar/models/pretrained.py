@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,13 +84,18 @@ class HFBackbone(nn.Module):
             model = transformers.AutoModel.from_pretrained(source)
         except Exception as exc:  # OSError, ValueError, the hub client's errors
             raise _not_found(source, exc) from exc
-        if hasattr(model.config, "vision_config"):  # CLIP, SigLIP (image and text towers): the vision tower
+        # CLIP, SigLIP (image and text towers): the vision tower, and CLIP's projection into the shared space; the
+        # features are then the L2-normalised image embeddings that zero-shot classification compares with text.
+        self.joint = hasattr(model.config, "vision_config")
+        self.projection = getattr(model, "visual_projection", None) if self.joint else None
+        if self.joint:
             model = model.vision_model
         self.model = model
         cfg = model.config
         width = getattr(cfg, "hidden_size", None)
         sizes = getattr(cfg, "hidden_sizes", None)  # ConvNeXt, ResNet, Swin-like: the last stage's width
-        self.num_features = int(sizes[-1] if sizes else width)
+        self.num_features = int(self.projection.out_features if self.projection is not None
+                                else sizes[-1] if sizes else width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=x)
@@ -98,21 +103,54 @@ class HFBackbone(nn.Module):
         if pooled is None:  # no pooler: the class token of a transformer, else the mean over positions
             hidden = out.last_hidden_state
             pooled = hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
-        return pooled.flatten(1)
+        pooled = pooled.flatten(1)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return F.normalize(pooled, dim=-1) if self.joint else pooled
+
+
+@torch.no_grad()
+def text_classifier(source: str, class_names, prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LIFT's initialisation (Shi et al. 2024): the classifier rows are the class names' text embeddings
+    (``prompt`` with the name filled in), times the model's logit scale, so that ``fc(backbone(x))`` starts as the
+    model's zero-shot classifier. Returns (weight C x D, bias C)."""
+    transformers = _transformers()
+    try:
+        full = transformers.AutoModel.from_pretrained(source)
+    except Exception as exc:  # OSError, ValueError, the hub client's errors
+        raise _not_found(source, exc) from exc
+    if not hasattr(full, "get_text_features"):
+        raise ConfigError(f"head.init=text needs a model with a text tower (CLIP, SigLIP); hf:{source} is a "
+                          f"{type(full).__name__} without one (use head.init=random)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise ConfigError(f"head.init=text: hf:{source} has no tokenizer saved with it ({type(exc).__name__}); "
+                          f"save the model's tokenizer in the same folder") from exc
+    siglip = "siglip" in full.config.model_type  # SigLIP's text tower was trained on max-length padding
+    texts = [prompt.format(str(name).replace("_", " ")) for name in class_names]
+    tokens = tokenizer(texts, padding="max_length" if siglip else True, truncation=True, return_tensors="pt")
+    out = full.get_text_features(**tokens)
+    text = F.normalize(getattr(out, "pooler_output", out).float(), dim=-1)
+    scale = full.logit_scale.exp().float()
+    bias = getattr(full, "logit_bias", None)
+    bias = torch.zeros(len(texts)) if bias is None else bias.float().expand(len(texts)).clone()
+    return text * scale, bias
 
 
 class PretrainedClassifier(nn.Module):
     """``fc(backbone(x))``: a pretrained backbone and a fresh classifier (linear, or cosine for LDAM).
 
     Inputs of another size than the backbone's (e.g. 28x28 Fashion-MNIST) are resized on the device (bilinear), and
-    one-channel images repeated to three, so every image dataset can use any backbone."""
+    one-channel images repeated to three, so every image dataset can use any backbone (``input_size`` None: a
+    backbone trained from scratch, which takes the data's own size)."""
 
-    def __init__(self, backbone: nn.Module, num_features: int, head: nn.Module, input_size: int):
+    def __init__(self, backbone: nn.Module, num_features: int, head: nn.Module, input_size: Optional[int]):
         super().__init__()
         self.backbone, self.num_features, self.fc, self.input_size = backbone, num_features, head, input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        if self.input_size and (x.shape[-1] != self.input_size or x.shape[-2] != self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

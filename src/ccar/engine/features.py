@@ -1,0 +1,154 @@
+"""The frozen-backbone fast path: when only the classifier trains (``finetune=linear``, or ``cache_features=true``
+for a classifier re-training), the backbone runs once over train / val / test and every epoch, every evaluation
+and every post-hoc method (tau-norm, post-hoc LA) then works on the cached features -- the classifier's inputs.
+
+``cache_features``: ``auto`` (on for ``finetune=linear``), ``true`` (any frozen backbone: ``finetune=linear`` or a
+``ccar retrain`` stage), ``false``. Features come from un-augmented images: training-time augmentation does not apply
+to cached features (``cache_features=false`` keeps it, at the price of a backbone pass per step).
+
+``feature_cache=DIR`` keeps the features in ``DIR/<key>.safetensors``, the key a hash of what decides them (data,
+split seed, model, its weight files, precision); a sweep sets it to its own ``features/`` folder, so that the
+methods sharing one frozen backbone compute its features once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..data import Augment, LongTailData
+from .config import TrainConfig, to_dict
+from .decoupling import classifier
+from .distributed import DistContext
+
+CACHE_MODES = ("auto", "true", "false")
+# The config keys that decide the features (everything else -- loss, optimiser, epochs, sampler -- only the head).
+FEATURE_KEYS = ("dataset", "data_root", "imbalance", "n_max", "profile", "classes", "val_fraction", "seed", "image_size",
+                "test_fraction", "label_column", "csv_impute", "synthetic", "amp", "model", "finetune", "lora")
+
+
+def uses_cache(cfg: TrainConfig) -> bool:
+    """Whether this run trains its classifier on cached features (see the module docstring)."""
+    if cfg.cache_features == "auto":
+        return cfg.finetune == "linear"
+    return cfg.cache_features == "true"  # validate() refused it for a backbone that trains
+
+
+def _fingerprint(path: Optional[str]) -> Optional[list]:
+    if not path:
+        return None
+    p = Path(path)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(cfg: TrainConfig) -> str:
+    """Hash of what decides the features: the data and its split, the model and the files its weights come from."""
+    from .. import __version__
+
+    resolved = to_dict(cfg)
+    ident: Dict[str, object] = {k: resolved[k] for k in FEATURE_KEYS}
+    ident["model"] = {k: v for k, v in resolved["model"].items() if k != "head"}  # the head is what trains
+    ident["weights"] = _fingerprint(cfg.model.weights)
+    if cfg.parent and cfg.finetune != "linear":  # a re-trained run's backbone is its parent's (a linear parent
+        ident["parent"] = _fingerprint(str(Path(cfg.parent) / "best.safetensors"))  # saved only its classifier)
+    ident["version"] = __version__
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def extract(model: nn.Module, batches, prepare, device, dtype, ctx: DistContext, bar=None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(classifier inputs as float32, targets) of a whole split, in the split's order; under data parallelism each
+    rank runs its shard and the shards are gathered."""
+    from .scoring import gather_in_order
+
+    model.eval()
+    captured = []
+    hook = classifier(model).register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].float()))
+    ys = []
+    try:
+        for x, y in batches:
+            x = prepare(x.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                model(x)
+            ys.append(y.to(device))
+            if bar is not None:
+                bar.update(len(y))
+    finally:
+        hook.remove()
+    feats, targets = torch.cat(captured), torch.cat(ys)
+    return gather_in_order(ctx, feats, targets, batches)
+
+
+def _read(path: Path) -> Optional[Dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError):  # absent, or cut short by a crash: computed again
+        return None
+
+
+def _write(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a concurrent reader sees all or nothing
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def cached_features(cfg: TrainConfig, data: LongTailData, model: nn.Module, eval_batches, prepare, device, dtype,
+                    ctx: DistContext, log=print) -> LongTailData:
+    """``data`` with every split replaced by the frozen backbone's features (computed, or read from
+    ``feature_cache``)."""
+    from .scoring import split_size
+    from .train import _progress
+
+    splits = ("train", "val", "test")
+    path = Path(cfg.feature_cache) / f"{cache_key(cfg)}.safetensors" if cfg.feature_cache else None
+    tensors = _read(path) if path is not None else None
+    t0 = time.perf_counter()
+    if tensors is None:
+        total = sum(split_size(getattr(data, s)) for s in splits)
+        bar = _progress(total, cfg.progress and ctx.is_main)
+        bar.set_description("backbone features")
+        bar.unit = "img"
+        tensors = {}
+        for s in splits:
+            split = getattr(data, s)
+            if split_size(split):
+                tensors[f"{s}_x"], tensors[f"{s}_y"] = extract(model, eval_batches(split), prepare, device, dtype,
+                                                               ctx, bar)
+        bar.close()
+        if path is not None and ctx.is_main:
+            _write(path, {k: v.cpu() for k, v in tensors.items()})
+        how = f"{time.perf_counter() - t0:.1f} s" + (f", cached in {path}" if path is not None else "")
+    else:
+        how = f"read from {path}"
+    width = tensors["train_x"].shape[1]
+    empty = (torch.zeros(0, width), torch.zeros(0, dtype=torch.long))
+    parts = {s: (tensors[f"{s}_x"].cpu(), tensors[f"{s}_y"].cpu()) if f"{s}_x" in tensors else empty for s in splits}
+    if ctx.is_main:
+        log(f"features: the frozen backbone ran once over train/val/test ({width} features per image; {how}); "
+            f"the classifier trains on them, without training-time augmentation (cache_features=false keeps it)")
+    return dataclasses.replace(data, **parts, augment=Augment(mean=(0.0,), std=(1.0,)), input_shape=(width,),
+                               kind="features", note=data.note + "; classifier trained on cached backbone features")
+
+
+def head_only(model: nn.Module) -> nn.Module:
+    """Make ``model(x)`` its classifier applied to features ``x``: the run then trains, evaluates and
+    tau-normalises the same modules, and saves the same state-dict keys, as without the cache."""
+    head = classifier(model)
+    model.forward = lambda x: head(x)  # the module's call, not its forward: hooks on the head still run (tau-norm)
+    return model
