@@ -79,3 +79,57 @@ def test_a_linear_probe_gathers_every_rank_s_features(tmp_path):
 
     w1, w2 = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
     assert w1.keys() == {"fc.weight", "fc.bias"} and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def torchrun_restarting(args, tmp_path, env):
+    """torchrun with one restart allowed, a fault injected into its first attempt; returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ccar", "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _same_run(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "last.safetensors"), load_file(b_dir / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
+    assert ma["per_class"] == mb["per_class"]
+
+
+CSV_RUN = ["val_fraction=0", "model.name=mlp", "model.hidden=[8]", "epochs=3", "loss.name=ccar", "loss.base=la",
+           "optim.lr=0.05", "optim.batch_size=8", "threads=1", "progress=false"]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself(tmp_path):
+    """A worker killed (SIGKILL) in epoch 2, after the first epoch's checkpoint: torchrun restarts the group, the
+    restarted workers resume on their own (resume=auto on restarts), and the weights equal an uninterrupted run's
+    bit for bit."""
+    from ccar.engine.checkpoint import FAULT_ENV
+
+    common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
+    torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
+    torchrun_restarting(common + [f"out={tmp_path / 'faulty'}"], tmp_path, {FAULT_ENV: "signal:12:SIGKILL:1"})
+    _same_run(tmp_path / "whole", tmp_path / "faulty")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_resumes_mid_epoch(tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 9, rank 0 writes the position; a relaunch with
+    --resume (what a requeued job does) finishes the run bit-identically to an uninterrupted one."""
+    from ccar.engine.checkpoint import FAULT_ENV, read_checkpoint
+
+    common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
+    torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "ccar", "train", *common, f"out={tmp_path / 'stopped'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "signal:5:SIGTERM:1"})
+    assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/9") == 2
+    assert read_checkpoint(tmp_path / "stopped" / "checkpoint.safetensors")[1]["partial"]["step"] == 5
+    torchrun(2, common + [f"out={tmp_path / 'stopped'}", "--resume"], tmp_path)
+    _same_run(tmp_path / "whole", tmp_path / "stopped")

@@ -1,5 +1,6 @@
 """Faults and hostile input: SIGKILL and resume, non-finite losses, full disks, crafted checkpoints, bombs, fuzzing."""
 
+import json
 import os
 import pickle
 import random
@@ -185,3 +186,61 @@ def test_fuzz_cli_prints_one_line(tmp_path, capsys, items):
     code = main(["train", "dataset=mnist-lt", f"data_root={tmp_path / 'missing'}", f"out={tmp_path / 'o'}", *items])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and err.startswith("ccar train: error:")
+
+
+# --- preemption and restarts ------------------------------------------------------------------------------------------
+
+
+def _steps_per_epoch(out, batch=16):
+    return -(-sum(json.loads((out / "data.json").read_text())["class_counts"]) // batch)
+
+
+def _finished(out):
+    return load_file(out / "last.safetensors"), json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("sig, step", [("SIGTERM", 7), ("SIGUSR1", 23)])
+def test_a_signal_mid_epoch_checkpoints_the_position_and_resuming_is_bit_identical(digits, tmp_path, sig, step):
+    reference = tmp_path / "reference"
+    assert _train_proc(_args(digits, reference, epochs=3)).wait(timeout=300) == 0
+    out = tmp_path / "stopped"
+    proc = _train_proc(_args(digits, out, epochs=3), env={ckpt.FAULT_ENV: f"signal:{step}:{sig}"})
+    code = proc.wait(timeout=300)
+    err = proc.stderr.read().decode()
+    assert code == 128 + getattr(signal, sig), err[-2000:]
+    assert f"stopped by {sig} at epoch" in err and err.strip().count("\n") == 0
+    meta = ckpt.read_checkpoint(out / "checkpoint.safetensors")[1]
+    per_epoch = _steps_per_epoch(out)
+    assert (meta["partial"]["epoch"], meta["partial"]["step"]) == divmod(step, per_epoch) and step % per_epoch
+    assert not (out / "last.safetensors").exists()
+    # resume=auto continues it (the default when torchrun or Slurm restarts a job: the restart counter is set)
+    env = {"TORCHELASTIC_RESTART_COUNT": "1"} if sig == "SIGTERM" else None
+    extra = [] if env else ["resume=auto"]
+    assert _train_proc(_args(digits, out, epochs=3) + extra, env=env).wait(timeout=300) == 0
+    (w1, m1), (w2, m2) = _finished(reference), _finished(out)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert m1["per_class"] == m2["per_class"] and m1["val_balanced"] == m2["val_balanced"]
+
+
+def test_resume_auto_starts_fresh_and_refuses_a_changed_config(digits, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, _args(digits, out, epochs=1) + ["resume=auto"]), log=lambda *_: None)  # nothing there
+    train(load_config(None, _args(digits, out, epochs=1) + ["resume=auto"]), log=lambda *_: None)  # finished: kept
+    with pytest.raises(TrainingError, match=r"started with another config: loss.name \('ccar' -> 'ce'\)"):
+        train(load_config(None, _args(digits, out, epochs=1) + ["resume=auto", "loss.name=ce"]), log=lambda *_: None)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(load_config(None, _args(digits, out, epochs=1)), log=lambda *_: None)  # resume unset, not a restart
+
+
+def test_checkpoint_minutes_writes_mid_epoch_checkpoints_that_resume_bit_identically(digits, tmp_path):
+    full = tmp_path / "full"
+    train(load_config(None, _args(digits, full, epochs=2)), log=lambda *_: None)
+    timed = tmp_path / "timed"  # a checkpoint after every step (1e-9 minutes), then a crash at step 20
+    proc = _train_proc(_args(digits, timed, epochs=2) + ["checkpoint_minutes=1e-9"],
+                       env={ckpt.FAULT_ENV: "signal:20:SIGKILL"})
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    partial = ckpt.read_checkpoint(timed / "checkpoint.safetensors")[1]["partial"]  # the one after step 19
+    assert (partial["epoch"], partial["step"]) == divmod(19, _steps_per_epoch(timed))
+    train(load_config(None, _args(digits, timed, epochs=2)), resume=True, log=lambda *_: None)
+    (w1, m1), (w2, m2) = _finished(full), _finished(timed)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and m1["per_class"] == m2["per_class"]

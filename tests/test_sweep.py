@@ -300,3 +300,24 @@ def test_sigterm_to_the_sweep_stops_its_workers(tmp_path, digits):
         for w in workers:  # only if the test failed: the workers outlived the sweep
             if Path(f"/proc/{w}").exists():
                 os.kill(w, signal.SIGKILL)
+
+
+def test_each_sweep_worker_sees_its_own_gpus(monkeypatch):
+    """What a pool worker's CUDA_VISIBLE_DEVICES becomes, without a GPU: round-robin over the visible devices, a
+    group of gpus_per_run each, nothing set on a machine without GPUs."""
+    import multiprocessing
+    import os
+
+    from ccar.sweep import _init_worker, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert visible_gpus() == ["4", "5", "6", "7"]
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    seen = []
+    for _ in range(5):
+        _init_worker(counter, ["4", "5", "6", "7"], 2)
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["4,5", "6,7", "4,5", "6,7", "4,5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    _init_worker(counter, [], 1)  # no GPUs: the environment stays as it was
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"

@@ -138,8 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handler(args)
     except CCARError as exc:
-        print(f"ccar {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", None)  # Preempted (SIGTERM / SIGUSR1): 128 + the signal, checkpoint written
+        print(f"ccar {args.command}: {'' if code else 'error: '}{exc}", file=sys.stderr)
+        return code or 2
     except KeyboardInterrupt:
         print(f"ccar {args.command}: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130

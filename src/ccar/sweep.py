@@ -4,7 +4,8 @@ A sweep file (YAML)::
 
     out: runs/sweep-fmnist          # sweep folder: results.jsonl, report.md, figures
     runs: runs/sweep-fmnist/runs    # one folder per run (default: <out>/runs); keep it out of git
-    jobs: 1                         # runs at once (CPU threads are split between them)
+    jobs: 1                         # runs at once (CPU threads are split between them; each its own GPU)
+    gpus_per_run: 1                 # GPUs each of those runs sees (worker i: the i-th group of visible GPUs)
     base: {dataset: fashion-mnist-lt, epochs: 8}     # overrides shared by every run
     seeds: [0, 1, 2]
     grid: {imbalance: [100, 50, 10]}                 # cartesian product over these keys (a mapping value sets
@@ -51,7 +52,7 @@ from .engine.config import load_yaml
 from .errors import ConfigError
 from .tuning import chosen_candidate, flatten, tune_candidates
 
-SWEEP_KEYS = ("out", "runs", "jobs", "base", "seeds", "grid", "methods", "studies", "report")
+SWEEP_KEYS = ("out", "runs", "jobs", "gpus_per_run", "base", "seeds", "grid", "methods", "studies", "report")
 REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels", "last_epoch")
 
 
@@ -252,6 +253,39 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def visible_gpus() -> List[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (its value, else 0..count-1)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]  # (NVML: does not initialise CUDA here)
+
+
+def worker_gpus(worker: int, gpus: List[str], per_run: int = 1) -> Optional[str]:
+    """``CUDA_VISIBLE_DEVICES`` for sweep worker ``worker``: its own ``per_run`` GPUs, round-robin over ``gpus``
+    (None without GPUs: the worker runs on the CPU).
+
+    >>> [worker_gpus(i, ["0", "1", "2", "3"]) for i in range(5)], worker_gpus(1, ["0", "1", "2", "3"], 2)
+    (['0', '1', '2', '3', '0'], '2,3')
+    """
+    if not gpus:
+        return None
+    groups = max(1, len(gpus) // per_run)
+    start = (worker % groups) * per_run
+    return ",".join(gpus[start:start + per_run])
+
+
+def _init_worker(counter, gpus: List[str], per_run: int) -> None:
+    """Pool initialiser (before the worker touches CUDA): take the next worker number, see only its GPUs."""
+    with counter.get_lock():
+        worker, counter.value = counter.value, counter.value + 1
+    devices = worker_gpus(worker, gpus, per_run)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+
+
 @contextlib.contextmanager
 def _workers_stop_with_us():
     """A SIGTERM to the sweep (``kill PID``) also stops its pool workers. Ctrl-C reaches them through the process
@@ -326,7 +360,13 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                     record(_run_cell(*cell_args(todo[0])))
             else:
                 ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool, _workers_stop_with_us():
+                per_run = int(spec.get("gpus_per_run") or 1)
+                gpus = visible_gpus()
+                if gpus:
+                    log(f"GPUs {','.join(gpus)}: each of the {jobs} workers sees {per_run} of them (round-robin)")
+                init = (_init_worker, (ctx.Value("i", 0), gpus, per_run))
+                with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init[0], initargs=init[1]) as pool, \
+                        _workers_stop_with_us():
                     running: set = set()
                     while True:
                         for cell in ready(started)[: jobs - len(running)]:

@@ -92,9 +92,15 @@ class DeviceLoader:
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
         self.device = torch.device(device)
         self.generator = torch.Generator(device="cpu")
+        self.start, self.start_state = 0, None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, step: int, generator_state: torch.Tensor) -> None:
+        """The next iteration starts at batch ``step``, the augmentation generator in ``generator_state`` (as
+        :attr:`generator` was after the batch before it): a run resumed mid-epoch sees the batches it would have."""
+        self.start, self.start_state = step, generator_state
 
     def _order(self) -> torch.Tensor:
         return shard(self.sequence.indices(self.epoch), self.rank, self.world_size)
@@ -106,7 +112,10 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         self.generator.manual_seed(self.seed * 7919 + self.epoch + 1)
-        for i in range(len(self)):
+        start, state, self.start, self.start_state = self.start, self.start_state, 0, None
+        if state is not None:
+            self.generator.set_state(state)
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment is not None and x.ndim == 4 and (self.augment.crop_padding or self.augment.flip):
@@ -127,18 +136,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        im = self._transform(load_image(self.files.paths[i]), i)
+    def __getitem__(self, index: int):
+        epoch, i = divmod(int(index), len(self.files))  # EpochSampler's epoch * N + i (plain indexing: epoch 0)
+        im = self._transform(load_image(self.files.paths[i]), i, epoch)
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         return x, int(self.files.targets[i])
 
-    def _transform(self, im, i):
+    def _transform(self, im, i, epoch=0):
         from PIL import Image
 
         s = self.size
         if not self.train:  # resize to 256/224 of the crop, centre crop (the ImageNet evaluation transform)
             return resize_center_crop(im, s, short=round(s * 256 / 224))
-        rng = np.random.default_rng([self.seed, i, torch.initial_seed() % (2**31)])
+        rng = np.random.default_rng([self.seed, i, epoch])
         w, h = im.size
         for _ in range(10):  # random-resized crop, scale (0.08, 1), ratio (3/4, 4/3)
             area = w * h * rng.uniform(0.08, 1.0)
@@ -170,3 +180,17 @@ def file_loader(files: ImageFiles, batch_size: int, train: bool, workers: int = 
         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False, generator=g,
         persistent_workers=workers > 0,
     )
+
+
+def loader_state(loader) -> Optional[torch.Tensor]:
+    """What resuming ``loader`` mid-epoch needs beyond the step: the device path's augmentation generator (file
+    loaders seed each sample's augmentation from its index and the epoch: nothing)."""
+    return loader.generator.get_state() if isinstance(loader, DeviceLoader) else None
+
+
+def resume_loader(loader, step: int, state: Optional[torch.Tensor]) -> None:
+    """Make ``loader``'s next epoch start at batch ``step`` (see :func:`loader_state`)."""
+    if isinstance(loader, DeviceLoader):
+        loader.resume_at(step, state)
+    else:
+        loader.sampler.skip_next(step * loader.batch_size)

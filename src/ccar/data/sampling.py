@@ -109,16 +109,25 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A ``DataLoader`` sampler yielding this rank's shard of :class:`ClassSampler`'s sequence; call ``set_epoch``."""
+    """A ``DataLoader`` sampler yielding this rank's shard of :class:`ClassSampler`'s sequence; call ``set_epoch``.
+
+    Each index comes as ``epoch * N + i`` (N samples): the dataset takes ``i`` and seeds that sample's augmentation
+    with the epoch -- a fresh crop every epoch even in persistent workers, the same for any number of workers.
+    ``skip_next(n)``: the next epoch's iteration starts after its first ``n`` indices (a run resumed mid-epoch)."""
 
     def __init__(self, sampler: ClassSampler, rank: int = 0, world_size: int = 1):
-        self.sampler, self.rank, self.world_size, self.epoch = sampler, rank, world_size, 0
+        self.sampler, self.rank, self.world_size, self.epoch, self.skip = sampler, rank, world_size, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, n: int) -> None:
+        self.skip = n
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler.targets) / self.world_size)
 
     def __iter__(self):
-        return iter(shard(self.sampler.indices(self.epoch), self.rank, self.world_size).tolist())
+        order = shard(self.sampler.indices(self.epoch), self.rank, self.world_size)[self.skip:]
+        self.skip = 0
+        return iter((order + self.epoch * len(self.sampler.targets)).tolist())

@@ -66,10 +66,13 @@ def _restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[s
 
 
 def save_checkpoint(path: Path, model_state: Dict[str, torch.Tensor], optimizer,
-                    best_state: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]) -> None:
+                    best_state: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any],
+                    extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The model's state (what the run trains: :func:`ccar.engine.finetune.saved_state`), the best model's, the
-    optimizer's and ``meta``, in one safetensors file written atomically."""
+    optimizer's, ``meta`` and ``extra`` tensors (a mid-epoch checkpoint's random states), in one safetensors file
+    written atomically."""
     tensors = {"model." + k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     if best_state is not None:
         tensors.update({"best." + k: v.detach().cpu().contiguous() for k, v in best_state.items()})
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)

@@ -136,6 +136,8 @@ class TrainConfig:
     retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws or ft (classifier re-training of a parent run)
     parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
     checkpoint_every: int = 1  # epochs
+    checkpoint_minutes: float = 0.0  # also checkpoint mid-epoch every this many minutes (0: off; long epochs)
+    resume: Optional[str] = None  # auto: continue the run in out if it has a checkpoint; false; unset: auto on restarts
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -306,6 +308,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
     _check(o.backbone_lr is None or o.backbone_lr >= 0, "optim.backbone_lr", "a number >= 0", o.backbone_lr)
     _check(cfg.augment.flip in ("auto", "true", "false"), "augment.flip", "auto, true or false", cfg.augment.flip)
+    _check(cfg.resume in (None, "auto", "false"), "resume", "auto or false (unset: auto when torchrun or Slurm "
+           "restarted the process)", cfg.resume)
+    _check(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number of minutes >= 0 (0: off)",
+           cfg.checkpoint_minutes)
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1 (epochs)", cfg.checkpoint_every)
     _check(cfg.posthoc_tau is None or cfg.posthoc_tau >= 0, "posthoc_tau", "a number >= 0", cfg.posthoc_tau)
     _check(cfg.model.width >= 1, "model.width", "an integer >= 1", cfg.model.width)

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import normalize
+from ..data.loaders import loader_state, resume_loader
 from ..errors import ConfigError, TrainingError
 from ..losses import build_loss
 from ..models import NormedLinear
@@ -23,6 +24,7 @@ from .decoupling import classifier_name, prepare_retrain, project_max_norm
 from .distributed import init_distributed
 from .features import cached_features, head_only, uses_cache
 from .finetune import load_trained, saved_state, set_train_modes
+from .preemption import Preempted, StopSignals, check_same_config, resume_mode, restore_rng, rng_tensors
 from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, init_head_from_text, make_loaders,
                     model_from_config, resolve_device, save_data_description, use_channels_last)
 from .scoring import eval_logit_scale, evaluate_split, evaluate_test_split, split_size
@@ -106,14 +108,19 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = cfg.run_dir()
+    auto = not resume and resume_mode(cfg.resume) == "auto"
     if cfg.out is None and not resume and (run_dir / "checkpoint.safetensors").exists():
-        # A rerun of the default job gets a fresh folder (runs/NAME-2, -3, ...) instead of an error.
+        # A rerun of the default job gets a fresh folder (runs/NAME-2, -3, ...) instead of an error; a restarted
+        # one (resume=auto) continues the newest, which its first attempt created.
         n = 2
         while (run_dir.parent / f"{run_dir.name}-{n}").exists():
             n += 1
-        cfg.out = str(run_dir.parent / f"{run_dir.name}-{n}")
+        cfg.out = str(run_dir.parent / (f"{run_dir.name}-{n - 1}" if auto and n > 2 else
+                                        run_dir.name if auto else f"{run_dir.name}-{n}"))
         run_dir = cfg.run_dir()
     state_path = run_dir / "checkpoint.safetensors"
+    if auto:  # continue what is there (of the same config: checked once model.name=auto is resolved), else start
+        resume = state_path.exists()
     if not resume and state_path.exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out=DIR")
     if resume and not state_path.exists():
@@ -136,6 +143,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         cfg.model.name, why = auto_model(data.input_shape)
         if ctx.is_main:
             log(f"model.name=auto: {cfg.model.name} ({why})")
+    if auto and resume:
+        check_same_config(ckpt.read_checkpoint(state_path)[1]["config"], to_dict(cfg), run_dir)
     model = model_from_config(cfg, data)
     if cfg.head.init == "text" and not resume and not cfg.retrain:  # (a resumed run's head is in its checkpoint)
         init_head_from_text(model, cfg, data)
@@ -169,11 +178,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     step_fn = torch.compile(net) if cfg.compile else net
 
-    start_epoch, history, best_val, best_state, elapsed = 0, [], -1.0, None, 0.0
+    start_epoch, history, best_val, best_state, elapsed, partial = 0, [], -1.0, None, 0.0, None
     if resume:
         tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
         best_state = ckpt.load_into(model, optimizer, tensors, opt_meta, cfg.finetune)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
+        partial = meta.get("partial")  # stopped mid-epoch (a signal, or checkpoint_minutes): where, and the RNGs
+        if partial is not None:
+            partial["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     if ctx.is_main:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         start = (f", from {cfg.model.weights}" if cfg.model.weights else "") + (
@@ -189,80 +201,105 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     elapsed_before = elapsed  # time of earlier sessions of a resumed run (not part of this session's ETA)
     has_val = split_size(data.val) > 0
     check_every = 1 if device.type == "cpu" else 25
-    bar = _progress(steps * (cfg.epochs - start_epoch), cfg.progress and ctx.is_main)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        loss_fn.set_epoch(epoch)
-        _set_epoch(train_loader, epoch)
-        net.train()
-        set_train_modes(model, "linear" if cfg.retrain else cfg.finetune)  # a frozen backbone: fixed features
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
-        nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
-        checked = 0  # steps before this one are known to have finite losses
-        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-        for step, (x, y) in enumerate(train_loader):
-            lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
-            x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = step_fn(x)
-            loss = loss_fn(logits, y)
-            nonfinite[step] = ~torch.isfinite(loss.detach())
-            if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
-                if nonfinite[checked : step + 1].any():
-                    bad = checked + int(nonfinite[checked : step + 1].nonzero()[0])
-                    raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
-                checked = step + 1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if cfg.optim.max_norm:
-                project_max_norm(model, cfg.optim.max_norm)
-            with torch.no_grad():
-                totals[0] += loss.detach().double() * len(y)
-                totals[1] += (logits.argmax(1) == y).sum()
-                totals[2] += len(y)
-            bar.update(1)
-        ctx.all_reduce_sum(totals)
-        train_seconds = time.perf_counter() - t0
-        if has_val:
-            val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau,
-                                 eval_logit_scale(cfg))
-        else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too
-            val = {"top1": None, "balanced": None}
-        elapsed += time.perf_counter() - t0
-        loss_sum, correct, seen = totals.tolist()
-        record = {
-            "epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": 100 * correct / seen, "lr": lr,
-            "val_top1": val["top1"], "val_balanced": val["balanced"], "images_per_s": seen / train_seconds,
-            "seconds": elapsed,
-        }
-        history.append(record)
-        # Model selection on the validation split only: balanced (class-averaged) accuracy, which estimates the
-        # balanced test top-1 even though validation is long-tailed like training.
-        if val["balanced"] is not None and val["balanced"] > best_val:
-            best_val = val["balanced"]
-            best_state = saved_state(model, cfg.finetune, clone=True)
-        eta = (cfg.epochs - epoch - 1) * (elapsed - elapsed_before) / (epoch + 1 - start_epoch)
-        if ctx.is_main:
-            val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
-            line = (f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['loss']:.4f}  train {record['train_top1']:5.1f}%  "
-                    f"{val_text}  lr {lr:.4f}  "
-                    f"{record['images_per_s']:,.0f} img/s  eta {_fmt_time(eta)}")
-            bar.write(line) if not bar.disable else log(line)
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tb is not None:
-                for k, v in record.items():
-                    if v is not None:
-                        tb.add_scalar(k, v, epoch + 1)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
-                ckpt.save_checkpoint(state_path, saved_state(model, cfg.finetune), optimizer, best_state, meta)
-        ctx.barrier()
-    bar.close()
+    first_step = partial["step"] if partial else 0
+    bar = _progress(steps * (cfg.epochs - start_epoch) - first_step, cfg.progress and ctx.is_main)
+    last_save = time.monotonic()
+    with StopSignals(ctx) as stop:  # SIGTERM / SIGUSR1: a checkpoint after the step in progress, then stop
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            loss_fn.set_epoch(epoch)
+            _set_epoch(train_loader, epoch)
+            net.train()
+            set_train_modes(model, "linear" if cfg.retrain else cfg.finetune)  # a frozen backbone: fixed features
+            totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+            if partial is not None:  # resumed mid-epoch: the epoch's sums so far, its random states, its next batch
+                if ctx.is_main:  # (sums over all ranks: rank 0 carries them, the others start from 0)
+                    totals = torch.tensor(partial["totals"], dtype=torch.float64, device=device)
+                resume_loader(train_loader, partial["step"], restore_rng(partial["rng"]))
+            nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
+            checked = first_step  # steps before this one are known to have finite losses
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+            for step, (x, y) in enumerate(train_loader, start=first_step):
+                lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
+                x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = step_fn(x)
+                loss = loss_fn(logits, y)
+                nonfinite[step] = ~torch.isfinite(loss.detach())
+                if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
+                    if nonfinite[checked : step + 1].any():
+                        bad = checked + int(nonfinite[checked : step + 1].nonzero()[0])
+                        raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
+                    checked = step + 1
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if cfg.optim.max_norm:
+                    project_max_norm(model, cfg.optim.max_norm)
+                with torch.no_grad():
+                    totals[0] += loss.detach().double() * len(y)
+                    totals[1] += (logits.argmax(1) == y).sum()
+                    totals[2] += len(y)
+                bar.update(1)
+                signum, timed = 0, False
+                if (step + 1) % check_every == 0 or not ctx.enabled:  # every rank stops (saves) at the same step
+                    due = bool(cfg.checkpoint_minutes) and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
+                    signum, timed = stop.agreed(device, due)
+                if (signum or timed) and step + 1 < steps:  # (at the epoch's end the epoch checkpoint follows)
+                    so_far = ctx.all_reduce_sum(totals.clone())  # the epoch's sums over all ranks
+                    if ctx.is_main:
+                        part = {"epoch": epoch, "step": step + 1, "totals": so_far.tolist()}
+                        meta = {"epoch": epoch - 1, "history": history, "best_val": best_val,
+                                "seconds": elapsed + time.perf_counter() - t0, "config": to_dict(cfg), "partial": part}
+                        ckpt.save_checkpoint(state_path, saved_state(model, cfg.finetune), optimizer, best_state, meta,
+                                             rng_tensors(loader_state(train_loader)))
+                    last_save = time.monotonic()
+                    if signum:
+                        ctx.barrier()  # no rank leaves (and has torchrun tear the group down) before rank 0 has written
+                        bar.close()
+                        raise Preempted(signum, f"at epoch {epoch + 1}, step {step + 1}/{steps}")
+            partial, first_step = None, 0
+            ctx.all_reduce_sum(totals)
+            train_seconds = time.perf_counter() - t0
+            if has_val:
+                val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau,
+                                     eval_logit_scale(cfg))
+            else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too
+                val = {"top1": None, "balanced": None}
+            elapsed += time.perf_counter() - t0
+            loss_sum, correct, seen = totals.tolist()
+            record = {
+                "epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": 100 * correct / seen, "lr": lr,
+                "val_top1": val["top1"], "val_balanced": val["balanced"], "images_per_s": seen / train_seconds,
+                "seconds": elapsed,
+            }
+            history.append(record)
+            # Model selection on the validation split only: balanced (class-averaged) accuracy, which estimates the
+            # balanced test top-1 even though validation is long-tailed like training.
+            if val["balanced"] is not None and val["balanced"] > best_val:
+                best_val = val["balanced"]
+                best_state = saved_state(model, cfg.finetune, clone=True)
+            eta = (cfg.epochs - epoch - 1) * (elapsed - elapsed_before) / (epoch + 1 - start_epoch)
+            if ctx.is_main:
+                val_text = f"val {val['top1']:5.1f}% (balanced {val['balanced']:5.1f}%)" if has_val else "no val split"
+                line = (f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {record['loss']:.4f}  train {record['train_top1']:5.1f}%  "
+                        f"{val_text}  lr {lr:.4f}  "
+                        f"{record['images_per_s']:,.0f} img/s  eta {_fmt_time(eta)}")
+                bar.write(line) if not bar.disable else log(line)
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if tb is not None:
+                    for k, v in record.items():
+                        if v is not None:
+                            tb.add_scalar(k, v, epoch + 1)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
+                    ckpt.save_checkpoint(state_path, saved_state(model, cfg.finetune), optimizer, best_state, meta)
+            ctx.barrier()
+        bar.close()
     if tb is not None:
         tb.close()
     metrics = finish(cfg, data, model, best_state, history, eval_batches, prepare, device, ctx, dtype, log)
