@@ -45,6 +45,7 @@ def sweep(folder: Path, cache: str, args) -> tuple:
         base["model"]["weights"] = args.weights
     spec = {"out": str(folder / "sweep"), "jobs": 1, "seeds": [0], "base": base, "methods": METHODS,
             "report": {"metric": "balanced", "baselines": {}}}
+    folder.mkdir(parents=True)
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     start = time.perf_counter()

@@ -307,3 +307,27 @@ def test_a_cnn_on_features_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="model.name=cnn is for images; features has 3 features per row: use model.name=mlp"):
         train(load_config(None, ["dataset=features", f"data_root={tmp_path}", "epochs=1", "model.name=cnn",
                                  f"out={tmp_path / 'r'}"]))
+
+
+def test_streamed_augmentation_draws_a_new_crop_every_epoch_and_the_same_one_on_a_rerun(tmp_path):
+    """The file loader's random-resized crop is seeded by (seed, image, epoch): not by the worker's torch seed, which
+    persistent DataLoader workers keep across epochs (every epoch then saw the same crop of each image)."""
+    import numpy as np
+    from PIL import Image
+
+    from ccar.data import ImageFileDataset, ImageFiles
+    from ccar.data.sampling import ClassSampler, EpochSampler
+
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    files = ImageFiles([path, path], np.array([0, 1]))
+    data = ImageFileDataset(files, train=True, size=16, seed=3)
+    sampler = EpochSampler(ClassSampler(torch.tensor([0, 1]), shuffle=False))
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append([data[i][0] for i in sampler])
+    assert not torch.equal(epochs[0][0], epochs[1][0])  # image 0, epoch 0 vs epoch 1
+    assert torch.equal(data[2][0], epochs[1][0])  # index N + 0 is image 0 at epoch 1, whoever computes it
+    sampler.skip_next(1)
+    assert list(sampler) == [3]  # a resumed epoch starts after the batches already trained
