@@ -82,8 +82,18 @@ def test_finetune_modes_train_only_what_they_say(photos, tiny_vit, tmp_path, mod
     if mode == "bias":
         assert any(not torch.equal(state[k], base[k]) for k in base if k.endswith(".bias"))
     assert evaluate_run(out, "last")["metrics"]["per_class"] == metrics["last"]["per_class"]
+    assert predicted_per_class(out, photos, tmp_path / "p.csv", "last") == pytest.approx(metrics["last"]["per_class"])
     data = json.loads((out / "data.json").read_text())
     assert data["image_size"] == 16 and data["mean"] == [0.4, 0.4, 0.4] and data["input_shape"] == [3, 16, 16]
+
+
+def predicted_per_class(run, photos, csv_path, which="best"):
+    """Per-class accuracy of `ccar predict` over the photos' test folder."""
+    import csv
+
+    assert main(["predict", str(run), str(photos / "test"), "--which", which, "--out", str(csv_path)]) == 0
+    rows = list(csv.DictReader(open(csv_path)))
+    return [100.0 * np.mean([r["top1"] == n for r in rows if f"/test/{n}/" in r["input"]]) for n in ("ant", "bee", "cow")]
 
 
 def test_pretrained_run_resumes_bit_identically_and_predicts_like_eval(photos, tiny_vit, tmp_path):
@@ -95,13 +105,7 @@ def test_pretrained_run_resumes_bit_identically_and_predicts_like_eval(photos, t
     a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = evaluate_run(tmp_path / "a", "best")["metrics"]
-    assert main(["predict", str(tmp_path / "a"), str(photos / "test"), "--out", str(tmp_path / "p.csv")]) == 0
-    import csv
-
-    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    per_class = [100.0 * np.mean([r["top1"] == n for r in rows if f"/test/{n}/" in r["input"]])
-                 for n in ("ant", "bee", "cow")]
-    assert per_class == pytest.approx(metrics["per_class"])
+    assert predicted_per_class(tmp_path / "a", photos, tmp_path / "p.csv") == pytest.approx(metrics["per_class"])
     crt = tmp_path / "crt"  # the second stage re-trains the classifier of the LoRA run
     assert main(["retrain", str(tmp_path / "a"), "method=crt", "epochs=1", f"out={crt}", "progress=false"]) == 0
     assert set(load_file(crt / "last.safetensors")) >= {"fc.weight", "fc.bias"}

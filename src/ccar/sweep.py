@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .engine.config import load_yaml
-from .errors import ConfigError
+from .errors import CCARError, ConfigError
 from .tuning import chosen_candidate, flatten, tune_candidates
 
 SWEEP_KEYS = ("out", "runs", "jobs", "gpus_per_run", "base", "seeds", "grid", "methods", "studies", "report")
@@ -197,7 +197,6 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
     from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way.
     ``feature_dir``: where cells over one frozen backbone (finetune=linear) keep its features, computed once."""
     from .engine.config import apply_overrides, load_config, to_dict
-    from .engine.train import train
     from .report.sweep_report import hardware
 
     cfg = load_config(None, cell.overrides)
@@ -213,7 +212,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
     if resume and (first_dir / "metrics.json").exists():  # finished (a shared first stage, or one before a crash)
         metrics = json.loads((first_dir / "metrics.json").read_text())
     else:
-        metrics = train(cfg, resume=resume, log=lambda *_: None)
+        metrics = _train_or_leave(cfg, resume)
     first = None
     if cell.stage2 is not None:  # the second stage (classifier re-training) of the parent just trained
         from .engine.retrain import retrain_config
@@ -222,7 +221,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
         method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
         out2 = f"{run_dir}-{method}"
         cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}"] + common)
-        metrics = train(cfg, resume=(Path(out2) / "checkpoint.safetensors").exists(), log=lambda *_: None)
+        metrics = _train_or_leave(cfg, (Path(out2) / "checkpoint.safetensors").exists())
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy")
     return {"key": cell.key, "method": cell.method, "values": cell.values, "tuned": cell.tuned, "seed": cell.seed,
@@ -232,6 +231,19 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
             "wall_seconds": time.perf_counter() - started, "hardware": hardware(), **({"stage1_top1": first} if first is not None else {}),
             **({"trained_by": cell.shares} if cell.shares else {}),
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
+
+
+def _train_or_leave(cfg, resume: bool) -> Dict[str, Any]:
+    """Train a cell. Stopped by SIGTERM (the sweep stopping its workers, or a scheduler), a pool worker leaves once
+    the run has written its mid-epoch checkpoint, instead of taking the next cell from the queue."""
+    from .engine.train import train
+
+    try:
+        return train(cfg, resume=resume, log=lambda *_: None)
+    except CCARError as exc:
+        if getattr(exc, "exit_code", None) and multiprocessing.parent_process() is not None:
+            os._exit(exc.exit_code)
+        raise
 
 
 def _history(run_dir: Path) -> List[Dict[str, Any]]:

@@ -298,6 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                     meta = {"epoch": epoch, "history": history, "best_val": best_val, "seconds": elapsed, "config": to_dict(cfg)}
                     ckpt.save_checkpoint(state_path, saved_state(model, cfg.finetune), optimizer, best_state, meta)
+            last_save = time.monotonic()  # (checkpoint_minutes counts from the last checkpoint, mid-epoch or not)
             ctx.barrier()
         bar.close()
     if tb is not None:
