@@ -68,6 +68,13 @@ def test_a_feature_cache_folder_is_shared_by_runs_over_the_same_backbone(table, 
     assert key("loss.name=ce") == key("loss.name=bs", "epochs=9", "optim.lr=0.3")
     assert key("seed=0") != key("seed=1")
     assert key() != key(f"model.weights={tmp_path / 'a' / 'best.safetensors'}")
+    from safetensors.torch import save_file
+
+    stale = load_file(files[0])
+    stale["train_y"] = stale["train_y"].flip(0)  # the same settings over changed files: other labels, recomputed
+    save_file(stale, files[0])
+    _, log_stale = run(table, tmp_path / "e", "finetune=linear", "loss.name=la", f"feature_cache={cache}")
+    assert "cached in" in log_stale
     files[0].write_bytes(b"cut short")  # a cache file a crash left half-written is computed again
     third, log3 = run(table, tmp_path / "d", "finetune=linear", "loss.name=la", f"feature_cache={cache}")
     assert "cached in" in log3 and third["per_class"] == first["per_class"]

@@ -99,6 +99,17 @@ def _read(path: Path) -> Optional[Dict[str, torch.Tensor]]:
         return None
 
 
+def _matches(tensors: Dict[str, torch.Tensor], data: LongTailData, splits) -> bool:
+    """Whether cached features belong to ``data``: the same labels, split by split, in the same order."""
+    for s in splits:
+        split = getattr(data, s)
+        labels = torch.as_tensor(split[1] if isinstance(split, tuple) else split.targets).long().cpu()
+        cached = tensors.get(f"{s}_y", torch.zeros(0, dtype=torch.long)).cpu()
+        if not torch.equal(cached, labels):
+            return False
+    return True
+
+
 def _write(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -118,6 +129,10 @@ def cached_features(cfg: TrainConfig, data: LongTailData, model: nn.Module, eval
     splits = ("train", "val", "test")
     path = Path(cfg.feature_cache) / f"{cache_key(cfg)}.safetensors" if cfg.feature_cache else None
     tensors = _read(path) if path is not None else None
+    if tensors is not None and not _matches(tensors, data, splits):  # the files changed under the same settings
+        tensors = None
+    if not ctx.broadcast_object(tensors is not None):  # every rank computes (the ranks gather) or every rank reads
+        tensors = None
     t0 = time.perf_counter()
     if tensors is None:
         total = sum(split_size(getattr(data, s)) for s in splits)
