@@ -24,8 +24,10 @@ data:
 train: $(STAMP) data
 	$(BIN)/ccar train $(ARGS)
 
-# The whole test suite (unit, property, end-to-end, and the slow real-data tests).
+# The whole test suite (unit, property, end-to-end, and the slow real-data tests; the Slurm test starts a one-node
+# cluster with scripts/local-slurm.sh and stops it).
 test: $(STAMP) data
+	@bash scripts/local-slurm.sh install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A long randomised fuzzing campaign over every reader of outside bytes (>= 20,000 inputs per parser, a fresh seed,

@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     if auto:  # continue what is there (of the same config: checked once model.name=auto is resolved), else start
         resume = state_path.exists()
     if not resume and state_path.exists():
-        raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out=DIR")
+        raise TrainingError(f"{run_dir} already holds a run; pass --resume (or resume=auto) to continue it or choose another out=DIR")
     if resume and not state_path.exists():
         raise TrainingError(f"--resume: no checkpoint at {state_path}")
     torch.manual_seed(cfg.seed)
