@@ -18,12 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc, args, tmp_path):
+def torchrun(nproc, args, tmp_path, fault=None):
+    """`torchrun ... -m ccar train ARGS`; must succeed, unless a ``fault`` is injected (CCAR_FAULT_INJECT)."""
+    from ccar.engine.checkpoint import FAULT_ENV
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "ccar", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({FAULT_ENV: fault} if fault else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert fault or proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -101,14 +104,9 @@ def test_a_killed_job_relaunched_by_the_scheduler_resumes_by_itself(tmp_path, mo
     the run continues by itself (resume=auto on restarts), ending bit-identical to an uninterrupted run. (torchrun's
     in-place --max-restarts is not tested here: its restarted group fails to connect intermittently on this
     machine, pytorch/pytorch#167288; docs/reliability.md.)"""
-    from ccar.engine.checkpoint import FAULT_ENV
-
     common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
     torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ccar", "train", *common, f"out={tmp_path / 'faulty'}"]
-    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "signal:12:SIGKILL:1"})
+    failed = torchrun(2, common + [f"out={tmp_path / 'faulty'}"], tmp_path, fault="signal:12:SIGKILL:1")
     assert failed.returncode != 0 and (tmp_path / "faulty" / "checkpoint.safetensors").exists()
     with pytest.raises(AssertionError, match="already holds a run"):  # a person relaunching must say --resume
         torchrun(2, common + [f"out={tmp_path / 'faulty'}"], tmp_path)
@@ -121,14 +119,11 @@ def test_a_killed_job_relaunched_by_the_scheduler_resumes_by_itself(tmp_path, mo
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_resumes_mid_epoch(tmp_path):
     """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 9, rank 0 writes the position; a relaunch with
     --resume (what a requeued job does) finishes the run bit-identically to an uninterrupted one."""
-    from ccar.engine.checkpoint import FAULT_ENV, read_checkpoint
+    from ccar.engine.checkpoint import read_checkpoint
 
     common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
     torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ccar", "train", *common, f"out={tmp_path / 'stopped'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "signal:5:SIGTERM:1"})
+    proc = torchrun(2, common + [f"out={tmp_path / 'stopped'}"], tmp_path, fault="signal:5:SIGTERM:1")
     assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/9") == 2
     assert read_checkpoint(tmp_path / "stopped" / "checkpoint.safetensors")[1]["partial"]["step"] == 5
     torchrun(2, common + [f"out={tmp_path / 'stopped'}", "--resume"], tmp_path)
