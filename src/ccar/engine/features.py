@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -29,7 +28,6 @@ from .config import TrainConfig, to_dict
 from .decoupling import classifier
 from .distributed import DistContext
 
-CACHE_MODES = ("auto", "true", "false")
 # The config keys that decide the features (everything else -- loss, optimiser, epochs, sampler -- only the head).
 FEATURE_KEYS = ("dataset", "data_root", "imbalance", "n_max", "profile", "classes", "val_fraction", "seed", "image_size",
                 "test_fraction", "label_column", "csv_impute", "synthetic", "amp", "model", "finetune", "lora")
@@ -111,12 +109,13 @@ def _matches(tensors: Dict[str, torch.Tensor], data: LongTailData, splits) -> bo
 
 
 def _write(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    """Atomic (a concurrent reader sees all or nothing; a crash leaves no half file under the cache's name)."""
     from safetensors.torch import save_file
 
+    from .checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a concurrent reader sees all or nothing
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def cached_features(cfg: TrainConfig, data: LongTailData, model: nn.Module, eval_batches, prepare, device, dtype,

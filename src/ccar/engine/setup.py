@@ -168,15 +168,14 @@ def init_head_from_text(model: torch.nn.Module, cfg: TrainConfig, data: LongTail
 
     weight, bias = text_classifier(cfg.model.name[len(HF_PREFIX):], data.class_names, cfg.head.prompt)
     head = classifier(model)
-    if isinstance(head, NormedLinear):
-        head.weight.copy_(weight.t())
-    elif isinstance(head, torch.nn.Linear) and head.weight.shape == weight.shape:
-        head.weight.copy_(weight)
-        if head.bias is not None:
-            head.bias.copy_(bias)
-    else:
+    cosine = isinstance(head, NormedLinear)  # (its weight is stored transposed: features x classes)
+    target = weight.t() if cosine else weight
+    if not isinstance(head, (NormedLinear, torch.nn.Linear)) or head.weight.shape != target.shape:
         raise ConfigError(f"head.init=text: the classifier ({type(head).__name__}, {tuple(head.weight.shape)}) does "
                           f"not take the {weight.shape[1]}-dimensional text embeddings of {cfg.model.name}")
+    head.weight.copy_(target)
+    if not cosine and head.bias is not None:
+        head.bias.copy_(bias)
 
 
 def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx: DistContext):

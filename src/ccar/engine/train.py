@@ -143,8 +143,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         cfg.model.name, why = auto_model(data.input_shape)
         if ctx.is_main:
             log(f"model.name=auto: {cfg.model.name} ({why})")
+    saved = ckpt.read_checkpoint(state_path) if resume else None  # (tensors, meta, optimizer meta), read once
     if auto and resume:
-        check_same_config(ckpt.read_checkpoint(state_path)[1]["config"], to_dict(cfg), run_dir)
+        check_same_config(saved[1]["config"], to_dict(cfg), run_dir)
     model = model_from_config(cfg, data)
     if cfg.head.init == "text" and not resume and not cfg.retrain:  # (a resumed run's head is in its checkpoint)
         init_head_from_text(model, cfg, data)
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
 
     start_epoch, history, best_val, best_state, elapsed, partial = 0, [], -1.0, None, 0.0, None
     if resume:
-        tensors, meta, opt_meta = ckpt.read_checkpoint(state_path)
+        tensors, meta, opt_meta = saved
         best_state = ckpt.load_into(model, optimizer, tensors, opt_meta, cfg.finetune)
         start_epoch, history, best_val, elapsed = meta["epoch"] + 1, meta["history"], meta["best_val"], meta["seconds"]
         partial = meta.get("partial")  # stopped mid-epoch (a signal, or checkpoint_minutes): where, and the RNGs
