@@ -31,7 +31,7 @@ start() {
     munged --force
   fi
   local cpus mem
-  cpus="$(nproc)"
+  cpus="$(getconf _NPROCESSORS_ONLN)"  # (not nproc: it follows OMP_NUM_THREADS)
   mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
   cat > "$CONF" <<EOF
 ClusterName=ccar-local

@@ -128,3 +128,22 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_
     assert read_checkpoint(tmp_path / "stopped" / "checkpoint.safetensors")[1]["partial"]["step"] == 5
     torchrun(2, common + [f"out={tmp_path / 'stopped'}", "--resume"], tmp_path)
     _same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+@pytest.mark.slow
+def test_a_multi_gpu_sweep_cell_runs_both_stages_under_torchrun_like_one_process(tmp_path, monkeypatch):
+    from ccar.sweep import _run_cell, expand
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
+    base = {"dataset": "csv", "data_root": str(root), "val_fraction": 0, "model": {"name": "mlp", "hidden": []},
+            "epochs": 2, "optim": {"lr": 0.05}, "threads": 1}
+    rows = {}
+    for nproc, batch in ((1, 16), (2, 8)):  # the same global batch (batch_size is per process)
+        spec = {"base": {**base, "optim": {"lr": 0.05, "batch_size": batch}}, "seeds": [0],
+                "methods": {"CE+cRT": {"loss.name": "ce", "stage2": {"method": "crt", "epochs": 2}}}}
+        (cell,) = expand(spec)
+        rows[nproc] = _run_cell(cell, str(tmp_path / f"x{nproc}" / "run"), 1, nproc=nproc)
+    assert (tmp_path / "x2" / "run.launch.yaml").exists() and (tmp_path / "x2" / "run-crt" / "metrics.json").exists()
+    one, two = rows[1], rows[2]
+    assert one["stage1_top1"] == two["stage1_top1"] and one["metrics"]["per_class"] == two["metrics"]["per_class"]

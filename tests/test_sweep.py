@@ -321,3 +321,27 @@ def test_each_sweep_worker_sees_its_own_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
     _init_worker(counter, [], 1)  # no GPUs: the environment stays as it was
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+
+
+def test_slurm_launcher_options_need_the_launcher_and_submitit(tmp_path, digits, monkeypatch, capsys):
+    import sys
+
+    from ccar.cli import main
+    from ccar.slurm import SlurmError, SlurmOptions, check_cluster, parse_sbatch
+
+    path = str(sweep_file(tmp_path, digits))
+    assert main(["sweep", path, "--partition", "gpu"]) == 2
+    assert "--partition is an option of the Slurm launcher: add --launcher slurm" in capsys.readouterr().err
+    assert main(["sweep", path, "--launcher", "slurm", "--time", "0"]) == 2
+    assert "--time must be at least 1, got 0" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
+    with pytest.raises(SlurmError, match=r"needs submitit: pip install 'ccar\[slurm\]'"):
+        check_cluster(SlurmOptions())
+    monkeypatch.delitem(sys.modules, "submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # not a Slurm login node
+    with pytest.raises(SlurmError, match="Slurm's commands are not on PATH .sbatch, squeue"):
+        check_cluster(SlurmOptions())
+    assert not (tmp_path / "sweep" / "results.jsonl").exists()
+    assert parse_sbatch(["account=abc", "--qos=high", "exclusive"]) == {"account": "abc", "qos": "high", "exclusive": True}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        parse_sbatch(["=x"])

@@ -58,6 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="sweep folder (default: the file's `out`)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default: the file's `jobs`, else 1)")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from results.jsonl")
+    s.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: a pool of --jobs processes here (default); slurm: one Slurm job per cell (submitit)")
+    g = s.add_argument_group("slurm launcher (--launcher slurm; with it, --jobs caps the cells queued at once)")
+    g.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
+    g.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per job in minutes (default 60)")
+    g.add_argument("--cpus-per-run", type=int, default=None, metavar="N", help="CPUs per job (default 4)")
+    g.add_argument("--gpus-per-run", type=int, default=None, metavar="K",
+                   help="GPUs per job; K > 1 runs torchrun with K processes in it (default: the file's gpus_per_run)")
+    g.add_argument("--mem", help="memory per job, as sbatch takes it (e.g. 32G; default: the partition's)")
+    g.add_argument("--max-retries", type=int, default=None, metavar="N",
+                   help="re-submissions of a cell whose job ended without its result (default 3)")
+    g.add_argument("--poll", type=float, default=None, metavar="SEC", help="seconds between looks at the queue (10)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other sbatch option, repeatable: --sbatch account=abc --sbatch qos=high")
     return p
 
 
@@ -122,7 +136,19 @@ def _cmd_eval(args) -> int:
 def _cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
-    run_sweep(args.sweep_file, out=args.out, jobs=args.jobs, report_only=args.report_only)
+    slurm_args = {"partition": args.partition, "time": args.time, "cpus_per_run": args.cpus_per_run,
+                  "gpus_per_run": args.gpus_per_run, "mem": args.mem, "max_retries": args.max_retries, "poll": args.poll}
+    given = {k: v for k, v in slurm_args.items() if v is not None}
+    slurm = None
+    if args.launcher == "slurm":
+        from .slurm import SlurmOptions, parse_sbatch
+
+        slurm = SlurmOptions(**given, sbatch=parse_sbatch(args.sbatch))
+    elif given or args.sbatch:
+        flag = "--" + (next(iter(given)) if given else "sbatch").replace("_", "-")
+        raise ConfigError(f"{flag} is an option of the Slurm launcher: add --launcher slurm")
+    run_sweep(args.sweep_file, out=args.out, jobs=args.jobs, report_only=args.report_only, launcher=args.launcher,
+              slurm=slurm)
     return 0
 
 

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .engine.config import load_yaml
-from .errors import CCARError, ConfigError
+from .errors import CCARError, ConfigError, TrainingError
 from .tuning import chosen_candidate, flatten, tune_candidates
 
 SWEEP_KEYS = ("out", "runs", "jobs", "gpus_per_run", "base", "seeds", "grid", "methods", "studies", "report")
@@ -191,11 +191,12 @@ def training_identity(overrides: tuple) -> str:
 
 
 def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None,
-              feature_dir: Optional[str] = None) -> Dict[str, Any]:
+              feature_dir: Optional[str] = None, nproc: int = 1) -> Dict[str, Any]:
     """Train one cell (in this process or a worker); returns its results line. ``shared_dir``: the finished run of
     the cell this one shares its training with (:attr:`Cell.shares`): a two-stage cell re-trains its classifier
     from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way.
-    ``feature_dir``: where cells over one frozen backbone (finetune=linear) keep its features, computed once."""
+    ``feature_dir``: where cells over one frozen backbone (finetune=linear) keep its features, computed once.
+    ``nproc`` > 1: each stage runs under ``torchrun --standalone --nproc_per_node nproc`` (a multi-GPU cell)."""
     from .engine.config import apply_overrides, load_config, to_dict
     from .report.sweep_report import hardware
 
@@ -212,7 +213,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
     if resume and (first_dir / "metrics.json").exists():  # finished (a shared first stage, or one before a crash)
         metrics = json.loads((first_dir / "metrics.json").read_text())
     else:
-        metrics = _train_or_leave(cfg, resume)
+        metrics = _train_or_leave(cfg, resume, nproc)
     first = None
     if cell.stage2 is not None:  # the second stage (classifier re-training) of the parent just trained
         from .engine.retrain import retrain_config
@@ -221,7 +222,7 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
         method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
         out2 = f"{run_dir}-{method}"
         cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}"] + common)
-        metrics = _train_or_leave(cfg, (Path(out2) / "checkpoint.safetensors").exists())
+        metrics = _train_or_leave(cfg, (Path(out2) / "checkpoint.safetensors").exists(), nproc)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy")
     return {"key": cell.key, "method": cell.method, "values": cell.values, "tuned": cell.tuned, "seed": cell.seed,
@@ -233,17 +234,41 @@ def _run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] 
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
 
 
-def _train_or_leave(cfg, resume: bool) -> Dict[str, Any]:
+def _train_or_leave(cfg, resume: bool, nproc: int = 1) -> Dict[str, Any]:
     """Train a cell. Stopped by SIGTERM (the sweep stopping its workers, or a scheduler), a pool worker leaves once
     the run has written its mid-epoch checkpoint, instead of taking the next cell from the queue."""
     from .engine.train import train
 
+    if nproc > 1:
+        return _torchrun(cfg, resume, nproc)
     try:
         return train(cfg, resume=resume, log=lambda *_: None)
     except CCARError as exc:
         if getattr(exc, "exit_code", None) and multiprocessing.parent_process() is not None:
             os._exit(exc.exit_code)
         raise
+
+
+def _torchrun(cfg, resume: bool, nproc: int) -> Dict[str, Any]:
+    """One stage of a multi-GPU cell: ``torchrun --standalone --nproc_per_node nproc -m ccar train`` on the cell's
+    resolved config (written beside its run folder); its metrics.json once it has finished."""
+    import subprocess
+    import sys
+
+    from .engine.config import save_config
+
+    run_dir = Path(cfg.run_dir())
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    launch = run_dir.parent / f"{run_dir.name}.launch.yaml"
+    save_config(cfg, launch)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ccar", "train", "--config", str(launch)] + (["--resume"] if resume else [])
+    done = subprocess.run(cmd)
+    if done.returncode != 0:  # (a stop by a signal, or a lost process: the next try resumes from the checkpoint)
+        error = TrainingError(f"{run_dir}: torchrun ({nproc} processes) exited with status {done.returncode}")
+        error.exit_code = done.returncode
+        raise error
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _history(run_dir: Path) -> List[Dict[str, Any]]:
@@ -320,18 +345,30 @@ def _workers_stop_with_us():
 
 
 def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, report_only: bool = False,
-              log=print) -> Path:
+              log=print, launcher: str = "local", slurm=None) -> Path:
+    """Run the sweep's missing cells, then write its report. ``launcher``: ``local`` (a process pool of ``jobs``
+    workers on this machine) or ``slurm`` (one Slurm job per cell, :mod:`ccar.slurm`; ``slurm``: its
+    :class:`~ccar.slurm.SlurmOptions`, ``jobs`` caps the cells queued at once)."""
     from tqdm.auto import tqdm
 
     from .report.sweep_report import write_report
 
+    if launcher not in ("local", "slurm"):
+        raise ConfigError(f"unknown launcher {launcher!r}; valid: local, slurm")
     spec = load_sweep(path)
     folder = Path(out or spec.get("out") or Path("runs") / Path(path).stem)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     results_path = folder / "results.jsonl"
     runs_root = Path(spec.get("runs") or folder / "runs")
+    failed: List[str] = []
     if not report_only:
+        if launcher == "slurm":
+            from .slurm import SlurmOptions, check_cluster
+
+            slurm = slurm or SlurmOptions()
+            slurm.max_jobs = jobs
+            check_cluster(slurm.validate())  # before anything else: a one-line error, nothing submitted
         jobs = max(1, int(jobs or spec.get("jobs") or 1))
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
         pending: list = []
@@ -339,13 +376,14 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
         cells = expand(spec, rows, pending)
         done = {r["key"] for r in rows}
         n_done = sum(c.key in done for c in cells)
-        log(f"sweep {path}: {len(cells) + len(pending)} runs, {n_done} already done, {jobs} at a time -> {folder}")
+        at_once = "on Slurm" if launcher == "slurm" else f"{jobs} at a time"
+        log(f"sweep {path}: {len(cells) + len(pending)} runs, {n_done} already done, {at_once} -> {folder}")
         shared = [c for c in cells if c.shares]
         if shared:
             log(f"{len(shared)} of them train nothing new: the same model as an earlier cell (e.g. {shared[0].key} "
                 f"reuses {shared[0].shares}); each is trained once")
         bar = tqdm(total=len(cells) + len(pending), initial=n_done, unit="run", dynamic_ncols=True)
-        with open(results_path, "a") as sink:
+        with open(results_path, "a") as sink, bar:  # (the bar closed before an error is printed)
             def record(row):
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -363,7 +401,12 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                         str(runs_root / "features"))
 
             started: set = set()
-            if jobs == 1:
+            if launcher == "slurm":
+                from .slurm import run_on_slurm
+
+                failed = run_on_slurm(spec, folder, runs_root, results_path, slurm, ready, record,
+                                      tqdm.write if log is print else log)  # (lines above the progress bar)
+            elif jobs == 1:
                 while True:
                     todo = ready(started)
                     if not todo:
@@ -389,9 +432,12 @@ def run_sweep(path: str, out: Optional[str] = None, jobs: Optional[int] = None, 
                         finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                         for fut in finished:
                             record(fut.result())
-        bar.close()
     rows = read_results(results_path)
     cells = {c.key for c in expand(spec, rows)}
     report = write_report(folder, spec, [r for r in rows if r["key"] in cells], source=path)  # runs the file still names
     log(f"report: {report}")
+    if failed:
+        raise TrainingError(f"{len(failed)} cell{'s' * (len(failed) > 1)} failed on Slurm ({failed[0]}"
+                            f"{' ...' if len(failed) > 1 else ''}); why: {folder / 'slurm' / 'jobs.json'}; the report "
+                            f"holds the others. Fix and rerun the same command: it runs only what is missing")
     return report
