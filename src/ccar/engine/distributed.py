@@ -58,8 +58,33 @@ def init_distributed(device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return DistContext(rank, world, local)
+
+
+def _attempt_store(world: int):
+    """The store of this attempt of a one-node torchrun job: the agent's store (``TORCHELASTIC_USE_AGENT_STORE``)
+    with a prefix per restart, or None (the ``env://`` default) elsewhere.
+
+    torchrun keeps one store for every attempt of a job and its workers write their process-group keys (gloo's
+    listening addresses, NCCL's unique id) without a per-attempt prefix: a worker of a restarted group may read
+    its peer's key of the *previous*, dead attempt before the peer has overwritten it, and its connection is
+    refused or hangs (6 of 9 restarts here; pytorch/pytorch#135712). A prefix per ``TORCHELASTIC_RESTART_COUNT``
+    gives each attempt its own keys. Only on one node: there one agent counts the restarts of every worker,
+    while the agents of several nodes may count differently (a healthy node restarts without counting)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("LOCAL_WORLD_SIZE") != str(world):
+        return None
+    from datetime import timedelta
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                           timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"ccar/attempt_{attempt}/", client)
 
 
 def shutdown() -> None:

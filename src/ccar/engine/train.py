@@ -194,6 +194,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}"
             f"{start}), loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, "
             f"run folder {run_dir}")
+        if resume:
+            where = f"epoch {start_epoch + 1}, after step {partial['step']}" if partial else \
+                f"the start of epoch {start_epoch + 1}"
+            log(f"resuming from its checkpoint: {where}")
         with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
     tb = _tensorboard(run_dir) if ctx.is_main else None

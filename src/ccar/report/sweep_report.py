@@ -351,7 +351,7 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
             lines.append(f"| {_setting_name(_setting(t))} | {t['method']} | {cands} | {_knobs(t['chosen'])} |")
         lines.append("")
     if studies:
-        lines += ["## Studies", "", f"Δ: the study run minus the same method in the main grid (same setting, paired "
+        lines += ["## Studies", "", "Δ: the study run minus the same method in the main grid (same setting, paired "
                   "by seed), 95 % paired-t interval.", "",
                   f"| setting | method | seeds | {label} | head | middle | tail | Δ vs main grid [95 % CI] | verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]
