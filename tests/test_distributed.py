@@ -56,6 +56,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_sam_and_accumulation_under_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    """ImbSAM (its three passes average their gradients over the ranks: the perturbation is the global one) and
+    gradient accumulation (2 processes x 4 x 2 batches = 16) against one process with batches of 16."""
+    from ccar.engine.config import load_config
+    from ccar.engine.train import train
+
+    root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
+    common = ["dataset=csv", f"data_root={root}", "val_fraction=0", "model.name=mlp", "model.hidden=[]",
+              "epochs=2", "loss.name=ccar", "loss.base=la", "optim.lr=0.05", "threads=1", "progress=false"]
+    sam = ["optim.sam=0.1", "optim.sam_scope=tail"]
+    for name, extra in (("sam1", sam), ("one", [])):  # one process: in this one
+        train(load_config(None, common + extra + ["optim.batch_size=16", f"out={tmp_path / name}"]), log=lambda *_: None)
+    torchrun(2, common + sam + ["optim.batch_size=8", f"out={tmp_path / 'sam2'}"], tmp_path)
+    acc = torchrun(2, common + ["optim.batch_size=4", "optim.accumulate=2", f"out={tmp_path / 'acc'}"], tmp_path)
+    assert "effective batch 2 x 4 per process x 2 processes = 16" in acc.stdout
+    from safetensors.torch import load_file
+
+    for a, b in (("sam1", "sam2"), ("one", "acc")):
+        w1, w2 = load_file(tmp_path / a / "last.safetensors"), load_file(tmp_path / b / "last.safetensors")
+        assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), (a, b)
+    w_sam, w_one = load_file(tmp_path / "sam1" / "last.safetensors"), load_file(tmp_path / "one" / "last.safetensors")
+    assert not all(torch.allclose(w_sam[k], w_one[k], atol=1e-4) for k in w_sam)  # SAM changed the training
+
+
+@pytest.mark.slow
 def test_checkpoint_resumes_under_a_different_world_size(tmp_path):
     root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
     common = ["dataset=csv", f"data_root={root}", "val_fraction=0", "model.name=mlp", "model.hidden=[]",
@@ -96,22 +121,6 @@ def _same_run(a_dir, b_dir):
 
 CSV_RUN = ["val_fraction=0", "model.name=mlp", "model.hidden=[8]", "epochs=3", "loss.name=ccar", "loss.base=la",
            "optim.lr=0.05", "optim.batch_size=8", "threads=1", "progress=false"]
-
-
-@pytest.mark.slow
-def test_a_killed_job_relaunched_by_the_scheduler_resumes_by_itself(tmp_path, monkeypatch):
-    """Rank 1 of a 2-process torchrun job is SIGKILLed in epoch 2, after the first epoch's checkpoint, and the job
-    fails; the scheduler relaunches the same command (a requeued Slurm job: SLURM_RESTART_COUNT=1, no --resume) and
-    the run continues by itself (resume=auto on restarts), ending bit-identical to an uninterrupted run."""
-    common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
-    torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
-    failed = torchrun(2, common + [f"out={tmp_path / 'faulty'}"], tmp_path, fault="signal:12:SIGKILL:1")
-    assert failed.returncode != 0 and (tmp_path / "faulty" / "checkpoint.safetensors").exists()
-    with pytest.raises(AssertionError, match="already holds a run"):  # a person relaunching must say --resume
-        torchrun(2, common + [f"out={tmp_path / 'faulty'}"], tmp_path)
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    torchrun(2, common + [f"out={tmp_path / 'faulty'}"], tmp_path)
-    _same_run(tmp_path / "whole", tmp_path / "faulty")
 
 
 @pytest.mark.slow

@@ -98,6 +98,11 @@ class OptimConfig:
     decay: float = 0.01  # multistep factor per milestone
     max_norm: Optional[float] = None  # MaxNorm (weight balancing): classifier rows projected to norm <= this per step
     backbone_lr: Optional[float] = None  # learning rate of everything but the classifier (default: lr)
+    accumulate: int = 1  # gradient accumulation: one optimizer step per this many batches (effective batch x this)
+    sam: float = 0.0  # sharpness-aware minimisation: the radius rho (0: off; ccar.engine.sam)
+    sam_adaptive: bool = False  # ASAM: the radius scaled per weight by |w| + 0.01
+    sam_scope: str = "all"  # all, or tail: ImbSAM, only the tail classes' loss is made flat
+    sam_tail_below: Optional[int] = None  # sam_scope=tail: classes with fewer training images (unset: rarest third)
 
 
 @dataclass
@@ -307,6 +312,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check("{}" in cfg.head.prompt, "head.prompt", "a text with {} where the class name goes", cfg.head.prompt)
     _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
     _check(o.backbone_lr is None or o.backbone_lr >= 0, "optim.backbone_lr", "a number >= 0", o.backbone_lr)
+    _check(o.accumulate >= 1, "optim.accumulate", "an integer >= 1 (batches per optimizer step)", o.accumulate)
+    _check(o.sam >= 0, "optim.sam", "a radius >= 0 (0: off)", o.sam)
+    from .sam import SAM_SCOPES
+
+    _check(o.sam_scope in SAM_SCOPES, "optim.sam_scope", f"one of {', '.join(SAM_SCOPES)}", o.sam_scope)
+    _check(o.sam_tail_below is None or o.sam_tail_below >= 1, "optim.sam_tail_below", "an integer >= 1",
+           o.sam_tail_below)
+    _check(o.sam > 0 or (not o.sam_adaptive and o.sam_scope == "all"), "optim.sam",
+           "a radius > 0 when optim.sam_adaptive or optim.sam_scope=tail is set", o.sam)
+    _check(not o.sam or o.accumulate == 1, "optim.accumulate", "1 with optim.sam (a SAM step needs its whole "
+           "batch at once)", o.accumulate)
     _check(cfg.augment.flip in ("auto", "true", "false"), "augment.flip", "auto, true or false", cfg.augment.flip)
     _check(cfg.resume in (None, "auto", "false"), "resume", "auto or false (unset: auto when torchrun or Slurm "
            "restarted the process)", cfg.resume)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -24,6 +25,7 @@ from .decoupling import classifier_name, prepare_retrain, project_max_norm
 from .distributed import init_distributed
 from .features import cached_features, head_only, uses_cache
 from .finetune import load_trained, saved_state, set_train_modes
+from .sam import SAM, no_sync, optimizer_summary, sam_backward, tail_classes
 from .preemption import Preempted, StopSignals, check_same_config, resume_mode, restore_rng, rng_tensors
 from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, init_head_from_text, make_loaders,
                     model_from_config, resolve_device, save_data_description, use_channels_last)
@@ -178,6 +180,19 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         head_only(model)  # from here on model(features) = its classifier's logits
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     step_fn = torch.compile(net) if cfg.compile else net
+    sam = SAM(model.parameters(), cfg.optim.sam, cfg.optim.sam_adaptive) if cfg.optim.sam else None
+    tail = None
+    if sam is not None and cfg.optim.sam_scope == "tail":
+        tail = torch.zeros(len(counts), dtype=torch.bool, device=device)
+        tail[tail_classes(counts, cfg.optim.sam_tail_below)] = True
+        if not tail.any():
+            raise ConfigError(f"optim.sam_tail_below={cfg.optim.sam_tail_below} leaves no tail class (the rarest "
+                              f"class has {min(counts)} training images)")
+    accumulate = cfg.optim.accumulate
+
+    def forward(x):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return step_fn(x)
 
     start_epoch, history, best_val, best_state, elapsed, partial = 0, [], -1.0, None, 0.0, None
     if resume:
@@ -194,12 +209,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         log(f"{data.summary()}\nmodel {cfg.model.name} ({n_params / 1e6:.2f} M params{', cosine head' if cosine else ''}"
             f"{start}), loss {loss_fn!r}, device {device}{f' x{ctx.world_size}' if ctx.enabled else ''}, "
             f"run folder {run_dir}")
+        if accumulate > 1 or sam is not None:
+            log(optimizer_summary(cfg.optim, ctx.world_size, tail))
         if resume:
             where = f"epoch {start_epoch + 1}, after step {partial['step']}" if partial else \
                 f"the start of epoch {start_epoch + 1}"
             log(f"resuming from its checkpoint: {where}")
         with open(run_dir / "log.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
+    loss_fn.reduction = "none"  # each sample's loss (ImbSAM splits them by class); the step's loss is their mean
     tb = _tensorboard(run_dir) if ctx.is_main else None
 
     steps = len(train_loader)
@@ -230,27 +248,38 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
                 x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = step_fn(x)
-                loss = loss_fn(logits, y)
-                nonfinite[step] = ~torch.isfinite(loss.detach())
-                if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
-                    if nonfinite[checked : step + 1].any():
-                        bad = checked + int(nonfinite[checked : step + 1].nonzero()[0])
-                        raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
-                    checked = step + 1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if cfg.optim.max_norm:
-                    project_max_norm(model, cfg.optim.max_norm)
+                # optim.accumulate=K: one optimizer step per K batches (the epoch's last group may be shorter)
+                group = min(accumulate, steps - step // accumulate * accumulate)
+                stepping = (step + 1) % accumulate == 0 or step + 1 == steps
+                # gradients stay local (DDP's no_sync) between steps, and in SAM's passes, which average them
+                with no_sync(net) if (sam is not None or not stepping) else contextlib.nullcontext():
+                    logits = forward(x)
+                    per_sample = loss_fn(logits, y)
+                    loss = per_sample.mean()
+                    nonfinite[step] = ~torch.isfinite(loss.detach())
+                    if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
+                        if nonfinite[checked : step + 1].any():
+                            bad = checked + int(nonfinite[checked : step + 1].nonzero()[0])
+                            raise TrainingError(_nonfinite_message(epoch, bad, loss.item(), lr, dtype, x, run_dir))
+                        checked = step + 1
+                    if step % accumulate == 0:
+                        optimizer.zero_grad(set_to_none=True)
+                    if sam is None:
+                        (loss / group if group > 1 else loss).backward()
+                    else:
+                        sam_backward(sam, model, per_sample, y, lambda: loss_fn(forward(x), y), ctx, tail)
+                if stepping:
+                    optimizer.step()
+                    if cfg.optim.max_norm:
+                        project_max_norm(model, cfg.optim.max_norm)
                 with torch.no_grad():
                     totals[0] += loss.detach().double() * len(y)
                     totals[1] += (logits.argmax(1) == y).sum()
                     totals[2] += len(y)
                 bar.update(1)
                 signum, timed = 0, False
-                if (step + 1) % check_every == 0 or not ctx.enabled:  # every rank stops (saves) at the same step
+                if stepping and ((step + 1) % (check_every * accumulate) == 0 or not ctx.enabled):  # every rank
+                    # stops (saves) at the same step, between optimizer steps
                     due = bool(cfg.checkpoint_minutes) and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
                     signum, timed = stop.agreed(device, due)
                 if (signum or timed) and step + 1 < steps:  # (at the epoch's end the epoch checkpoint follows)
