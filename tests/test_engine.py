@@ -32,11 +32,14 @@ def test_train_writes_a_complete_run_folder(digits, tmp_path):
     metrics = train(cfg_for(digits, tmp_path / "run"), log=lambda *_: None)
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.json", "log.jsonl", "checkpoint.safetensors", "best.safetensors",
-                 "last.safetensors", "per_class.png", "omega.png", "curves.png"):
+                 "last.safetensors", "per_class.png", "omega.png", "curves.png", "confusion.png"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
-    for key in ("top1", "per_class", "many", "medium", "few", "groups", "val_top1", "epochs", "seconds"):
+    for key in ("top1", "per_class", "many", "medium", "few", "groups", "val_top1", "epochs", "seconds",
+                "test_agnostic", "test_agnostic_oracle", "confusion_groups"):
         assert key in saved
+    assert saved["test_agnostic"]["uniform"] == pytest.approx(saved["balanced"])  # uniform = balanced accuracy
+    assert len(saved["best"]["confusion"]) == 10 and sum(map(sum, saved["best"]["confusion"])) == saved["best"]["n"]
     assert saved["epochs"] == 3 and len((run / "log.jsonl").read_text().splitlines()) == 3
     assert saved["top1"] > 30  # 10 classes separable by brightness: far above chance
     assert metrics["best"]["top1"] == saved["top1"]
@@ -309,3 +312,22 @@ def test_ldam_is_evaluated_in_its_training_scale():
     raw, scaled = run(1.0), run(30.0)
     assert raw["top1"] == scaled["top1"] == 100.0
     assert raw["ece"] > 20 and scaled["ece"] < 1e-6
+
+
+def test_test_agnostic_scores_equal_hand_computed_values():
+    """SADE's shifted test distributions, by importance weighting of per-class accuracy, and the oracle (post-hoc
+    logit adjustment to the known test prior) on a 3-sample example worked out by hand."""
+    from ccar.metrics import shifted_prior
+
+    q = shifted_prior([7, 900, 40, 100], 8)  # ranks 3, 0, 2, 1: q ∝ 8^(-rank/3)
+    assert torch.allclose(q, torch.tensor([0.125, 1, 0.25, 0.5], dtype=torch.float64) / 1.875)
+    logits = torch.tensor([[3.0, 0, 0], [1, 0, -5], [0, 0, -1]])
+    m = classification_metrics(logits, torch.tensor([0, 1, 2]), [100, 10, 1])
+    assert m["per_class"] == [100.0, 0.0, 0.0]  # argmax 0, 0, 0 (a tie goes to the first class)
+    # forward-2: q ∝ 2^(-[0, .5, 1]) -> 100 * 1 / (1 + 2^-0.5 + 0.5); backward-2: 100 * 0.5 / (the same sum)
+    assert m["test_agnostic"]["forward-2"] == pytest.approx(100 / (1.5 + 2 ** -0.5))
+    assert m["test_agnostic"]["backward-2"] == pytest.approx(50 / (1.5 + 2 ** -0.5))
+    assert m["test_agnostic"]["uniform"] == pytest.approx(100 / 3)
+    # oracle, uniform prior: z_c + log(1/3) - log(n_c / 111) adds (-0.994, 1.308, 3.611): predictions 2, 1, 2
+    assert m["test_agnostic_oracle"]["uniform"] == pytest.approx(200 / 3)
+    assert m["confusion_groups"]["tail"] == {"head": 100.0, "middle": 0.0, "tail": 0.0}

@@ -77,6 +77,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, digits, monkeypatch):
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4  # finished cells were not run twice
     text = report.read_text()
     assert "| CE | 2 |" in text and "CCAR-CE − CE" in text and "ccar sweep" in text
+    assert "Test-agnostic top-1" in text and "| oracle: CE + post-hoc LA to the known test prior |" in text
     assert (tmp_path / "sweep" / "groups_imbalance5.png").is_file() or (tmp_path / "sweep" / "groups_all.png").is_file()
 
 

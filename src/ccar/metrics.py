@@ -51,6 +51,94 @@ def rank_thirds(class_counts: Sequence[int]) -> Dict[str, List[int]]:
     return {name: sorted(p.tolist()) for name, p in zip(("head", "middle", "tail"), parts)}
 
 
+AGNOSTIC_FACTORS = (50, 25, 10, 5, 2)  # SADE's test distributions: forward and backward long tails, and uniform
+MAX_CONFUSION_CLASSES = 100  # the full confusion matrix is kept (metrics.json, the figure) up to this many classes
+
+
+def shifted_prior(class_counts: Sequence[int], factor: float, direction: str = "forward") -> torch.Tensor:
+    """A long-tailed test label distribution (Zhang et al. 2022, SADE): q_c ∝ factor^(-r_c / (C - 1)), r_c the
+    class's rank by training count (0 = most frequent). ``forward`` has the training set's head as its head;
+    ``backward`` reverses the order; factor 1 is uniform.
+
+    >>> [round(v, 3) for v in shifted_prior([100, 10, 1], 4).tolist()], shifted_prior([100, 10, 1], 4, "backward").tolist()[0]
+    ([0.571, 0.286, 0.143], 0.14285714285714285)
+    """
+    order = sorted(range(len(class_counts)), key=lambda c: (-class_counts[c], c))
+    rank = torch.empty(len(order), dtype=torch.float64)
+    rank[order] = torch.arange(len(order), dtype=torch.float64)
+    if direction == "backward":
+        rank = len(order) - 1 - rank
+    q = float(factor) ** (-rank / max(len(order) - 1, 1))
+    return q / q.sum()
+
+
+def _agnostic_keys(factors: Sequence[float]) -> List[tuple]:
+    return ([(f"forward-{f:g}", f, "forward") for f in factors] + [("uniform", 1, "forward")]
+            + [(f"backward-{f:g}", f, "backward") for f in reversed(factors)])
+
+
+def agnostic_accuracy(per_class: Sequence[Optional[float]], class_counts: Sequence[int],
+                  factors: Sequence[float] = AGNOSTIC_FACTORS) -> Dict[str, Optional[float]]:
+    """Accuracy (%) under each test distribution of :func:`shifted_prior`, by exact importance weighting of the
+    per-class accuracies measured on the (balanced) test set: Σ q_c acc_c over the classes present in it.
+
+    >>> {k: round(v, 2) for k, v in agnostic_accuracy([90.0, 60.0, 30.0], [100, 10, 1], factors=(4,)).items()}
+    {'forward-4': 72.86, 'uniform': 60.0, 'backward-4': 47.14}
+    """
+    out: Dict[str, Optional[float]] = {}
+    present = [c for c, a in enumerate(per_class) if a is not None]
+    for key, factor, direction in _agnostic_keys(factors):
+        q = shifted_prior(class_counts, factor, direction)[present]
+        acc = torch.tensor([per_class[c] for c in present], dtype=torch.float64)
+        out[key] = float((q * acc).sum() / q.sum()) if present else None
+    return out
+
+
+def agnostic_oracle(logits: torch.Tensor, targets: torch.Tensor, class_counts: Sequence[int],
+                         factors: Sequence[float] = AGNOSTIC_FACTORS) -> Dict[str, Optional[float]]:
+    """The same accuracies after post-hoc logit adjustment to the known test prior: z_c + log q_c - log π_c
+    (π the training prior), the Bayes correction of a model of the training distribution; for logits that are
+    already balanced (LA, Balanced Softmax, ``posthoc_tau``) it corrects twice, so read it for CE-like runs."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp(min=1)
+    log_pi = torch.log(counts / counts.sum()).float()
+    out: Dict[str, Optional[float]] = {}
+    num_classes = logits.shape[1]
+    for key, factor, direction in _agnostic_keys(factors):
+        q = shifted_prior(class_counts, factor, direction)
+        pred = (logits.float() + (q.log().float() - log_pi)).argmax(1)
+        hits = torch.bincount(targets, weights=(pred == targets).double(), minlength=num_classes)
+        seen = torch.bincount(targets, minlength=num_classes)
+        per_class = [100.0 * float(h / n) if n else None for h, n in zip(hits, seen)]
+        out[key] = agnostic_accuracy(per_class, class_counts, [factor])[key]
+    return out
+
+
+def confusion_matrix(pred: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted].
+
+    >>> confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3).tolist()
+    [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    """
+    return torch.bincount(targets * num_classes + pred, minlength=num_classes * num_classes).view(num_classes,
+                                                                                                 num_classes)
+
+
+def group_confusion(matrix: torch.Tensor, class_counts: Sequence[int]) -> Dict[str, Dict[str, float]]:
+    """Where each rank third's test samples go: % of the group's samples predicted as each group's classes.
+
+    >>> group_confusion(torch.tensor([[5, 0, 0], [1, 4, 0], [3, 1, 1]]), [100, 10, 1])["tail"]
+    {'head': 60.0, 'middle': 20.0, 'tail': 20.0}
+    """
+    thirds = rank_thirds(class_counts)
+    out = {}
+    for true_name, rows in thirds.items():
+        block = matrix[rows]
+        total = int(block.sum())
+        out[true_name] = {name: 100.0 * int(block[:, cols].sum()) / total if total else None
+                          for name, cols in thirds.items()}
+    return out
+
+
 def classification_metrics(
     logits: torch.Tensor, targets: torch.Tensor, class_counts: Sequence[int], n_bins: int = 15
 ) -> Dict[str, object]:
@@ -71,6 +159,7 @@ def classification_metrics(
     hits = torch.bincount(targets, weights=correct, minlength=num_classes).tolist()
     seen = torch.bincount(targets, minlength=num_classes).tolist()
     per_class: List[Optional[float]] = [100.0 * (h / n) if n else None for h, n in zip(hits, seen)][:num_classes]
+    matrix = confusion_matrix(pred, targets, num_classes)
 
     def group_mean(classes: Iterable[int]) -> Optional[float]:
         return _mean_or_none([per_class[c] for c in classes if per_class[c] is not None])
@@ -88,4 +177,8 @@ def classification_metrics(
         "groups": {name: group_mean(cls) for name, cls in thirds.items()},
         "ece": expected_calibration_error(torch.softmax(logits, 1), targets, n_bins) if len(targets) else None,
         "n": int(len(targets)),
+        "test_agnostic": agnostic_accuracy(per_class, class_counts),
+        "test_agnostic_oracle": agnostic_oracle(logits, targets, class_counts) if len(targets) else None,
+        "confusion_groups": group_confusion(matrix, class_counts),
+        **({"confusion": matrix.tolist()} if num_classes <= MAX_CONFUSION_CLASSES else {}),
     }

@@ -386,7 +386,8 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
     else:
         best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1
     metrics = {
-        **{k: results["best"][k] for k in ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece")},
+        **{k: results["best"][k] for k in ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece",
+                                           "test_agnostic", "test_agnostic_oracle", "confusion_groups")},
         "val_top1": history[best_epoch - 1]["val_top1"] if history else None,
         "val_balanced": history[best_epoch - 1]["val_balanced"] if history else None,
         "best_epoch": best_epoch,

@@ -102,6 +102,47 @@ def curves_figure(path: Path, history: List[dict]) -> Path:
     return save_figure(plt, fig, path)
 
 
+def confusion_figure(path: Path, class_counts: Sequence[int], metrics: dict, title: str) -> Optional[Path]:
+    """Where the test samples go: the row-normalised confusion matrix with the classes ordered by training count
+    (most frequent first; up to 100 classes), beside the 3 x 3 matrix of the rank thirds (head, middle, tail)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    groups = metrics["confusion_groups"]
+    names = list(groups)
+    full = metrics.get("confusion")
+    fig, axes = plt.subplots(1, 2 if full is not None else 1, figsize=(9.6 if full is not None else 4.0, 4.2),
+                             dpi=110, squeeze=False, gridspec_kw={"width_ratios": [2.2, 1] if full is not None else [1]})
+    if full is not None:
+        order = np.argsort(-np.asarray(class_counts, dtype=float), kind="stable")
+        m = np.asarray(full, dtype=float)[np.ix_(order, order)]
+        m = 100 * m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax = axes[0, 0]
+        image = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+        ax.set_xlabel("predicted class (by training count, most frequent first)")
+        ax.set_ylabel("true class (same order)")
+        if len(order) <= 20:
+            ax.set_xticks(range(len(order)), [str(c) for c in order], fontsize=7)
+            ax.set_yticks(range(len(order)), [str(c) for c in order], fontsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
+        ax.set_title(title, fontsize=10)
+    ax = axes[0, -1]
+    g = np.asarray([[np.nan if groups[t][p] is None else groups[t][p] for p in names] for t in names])
+    ax.imshow(g, cmap="viridis", vmin=0, vmax=100)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if not np.isnan(g[i, j]):
+                ax.text(j, i, f"{g[i, j]:.0f}", ha="center", va="center", fontsize=9,
+                        color="black" if g[i, j] > 50 else "white")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted as")
+    ax.set_ylabel("true (rank thirds)")
+    if full is None:
+        ax.set_title(title, fontsize=10)
+    return save_figure(plt, fig, path)
+
+
 def run_figures(run_dir: Path, cfg, metrics: dict, history: List[dict]) -> List[Path]:
     counts = metrics["class_counts"]
     title = f"{cfg.dataset} (imbalance {max(counts) / min(counts):.0f}), loss {cfg.loss.name}" + (
@@ -110,6 +151,7 @@ def run_figures(run_dir: Path, cfg, metrics: dict, history: List[dict]) -> List[
         per_class_figure(run_dir / "per_class.png", counts,
                          {"best on val": metrics["best"]["per_class"], "last epoch": metrics["last"]["per_class"]}, title),
         curves_figure(run_dir / "curves.png", history),
+        confusion_figure(run_dir / "confusion.png", counts, metrics["best"], f"test confusion (best on val), {title}"),
     ]
     if cfg.loss.name == "ccar":
         made.append(omega_figure(run_dir / "omega.png", counts, cfg.loss.omega or 0.75,

@@ -31,4 +31,13 @@ def metrics_table(rows: Dict[str, dict], class_counts: Sequence[int]) -> str:
         f"shot groups by training count (many > 100, medium 20-100, few < 20): {group_sizes(class_counts)} classes; "
         f"head/middle/tail = thirds by class rank ({len(thirds['head'])}/{len(thirds['middle'])}/{len(thirds['tail'])})"
     )
+    agnostic = {name: m["test_agnostic"] for name, m in rows.items() if m.get("test_agnostic")}
+    if agnostic:
+        keys = list(next(iter(agnostic.values())))
+        short = [k.replace("forward-", "F").replace("backward-", "B").replace("uniform", "uni") for k in keys]
+        header = f"{'test-agnostic':<14}" + "".join(f"{k:>6}" for k in short)
+        lines += ["", header, "-" * len(header)]
+        lines += [f"{name:<14}" + "".join(f"{fmt(a[k]):>6}" for k in keys) for name, a in agnostic.items()]
+        lines.append("top-1 (%) under test label distributions long-tailed like training (F: forward) or reversed "
+                     "(B: backward) by that factor, from the per-class accuracies (importance weighting)")
     return "\n".join(lines)
