@@ -134,6 +134,12 @@ class TrainConfig:
     tau_norm: Optional[str] = None  # post-hoc tau-normalisation of the classifier: a number, or auto (chosen on val)
     sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
     sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
+    mix: str = "none"  # none, mixup, cutmix, remix: mixing of training batches (ccar.engine.mixing)
+    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+    mix_prob: float = 1.0  # share of the batches mixed
+    mix_until: Optional[int] = None  # mix in epochs before this one (unset: every epoch)
+    remix_kappa: float = 3.0  # mix=remix: count ratio from which a pair counts as imbalanced
+    remix_tau: float = 0.5  # mix=remix: below this weight the head sample loses its label
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch instead of each process's
     finetune: str = "full"  # which parameters train: full, linear (classifier), bias (+ biases), lora (+ adapters)
     cache_features: str = "auto"  # frozen backbone: classifier trained on features computed once (auto: finetune=linear)
@@ -272,6 +278,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     _check(cfg.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", cfg.sampler)
     _check(0 <= cfg.sampler_epoch < cfg.epochs, "sampler_epoch", f"an epoch in 0..{cfg.epochs - 1}", cfg.sampler_epoch)
+    from .mixing import MIX_MODES
+
+    _check(cfg.mix in MIX_MODES, "mix", f"one of {', '.join(MIX_MODES)}", cfg.mix)
+    _check(cfg.mix_alpha > 0, "mix_alpha", "a number > 0 (Beta(alpha, alpha))", cfg.mix_alpha)
+    _check(0 < cfg.mix_prob <= 1, "mix_prob", "a probability in (0, 1]", cfg.mix_prob)
+    _check(cfg.mix_until is None or 1 <= cfg.mix_until <= cfg.epochs, "mix_until", f"an epoch in 1..{cfg.epochs}",
+           cfg.mix_until)
+    _check(cfg.remix_kappa >= 1, "remix_kappa", "a count ratio >= 1", cfg.remix_kappa)
+    _check(0 < cfg.remix_tau < 1, "remix_tau", "a number in (0, 1)", cfg.remix_tau)
     _check(o.max_norm is None or o.max_norm > 0, "optim.max_norm", "a number > 0", o.max_norm)
     from .decoupling import RETRAIN_METHODS
 

@@ -25,6 +25,7 @@ from .decoupling import classifier_name, prepare_retrain, project_max_norm
 from .distributed import init_distributed
 from .features import cached_features, head_only, uses_cache
 from .finetune import load_trained, saved_state, set_train_modes
+from .mixing import mix_batch, mixed_losses
 from .sam import SAM, no_sync, optimizer_summary, sam_backward, tail_classes
 from .preemption import Preempted, StopSignals, check_same_config, resume_mode, restore_rng, rng_tensors
 from .setup import (DATA_FILE, amp_dtype, auto_model, dataset_from_config, init_head_from_text, make_loaders,
@@ -189,6 +190,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             raise ConfigError(f"optim.sam_tail_below={cfg.optim.sam_tail_below} leaves no tail class (the rarest "
                               f"class has {min(counts)} training images)")
     accumulate = cfg.optim.accumulate
+    counts_t = torch.tensor(counts, dtype=torch.float32, device=device)  # (Remix's count ratios)
 
     def forward(x):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -232,6 +234,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 1000 + epoch)
             loss_fn.set_epoch(epoch)
+            mixing = cfg.mix != "none" and (cfg.mix_until is None or epoch < cfg.mix_until)
             _set_epoch(train_loader, epoch)
             net.train()
             set_train_modes(model, "linear" if cfg.retrain else cfg.finetune)  # a frozen backbone: fixed features
@@ -248,13 +251,19 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
                 x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                if mixing:  # mix=mixup|cutmix|remix: the partners' labels and the label weight of each sample
+                    x, y_j, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, counts_t, cfg.mix_prob, cfg.remix_kappa,
+                                            cfg.remix_tau)
+                    losses = lambda logits: mixed_losses(loss_fn, logits, y, y_j, lam)  # noqa: E731
+                else:
+                    losses = lambda logits: loss_fn(logits, y)  # noqa: E731
                 # optim.accumulate=K: one optimizer step per K batches (the epoch's last group may be shorter)
                 group = min(accumulate, steps - step // accumulate * accumulate)
                 stepping = (step + 1) % accumulate == 0 or step + 1 == steps
                 # gradients stay local (DDP's no_sync) between steps, and in SAM's passes, which average them
                 with no_sync(net) if (sam is not None or not stepping) else contextlib.nullcontext():
                     logits = forward(x)
-                    per_sample = loss_fn(logits, y)
+                    per_sample = losses(logits)
                     loss = per_sample.mean()
                     nonfinite[step] = ~torch.isfinite(loss.detach())
                     if (step + 1) % check_every == 0 or step + 1 == steps:  # one host sync per check, not per step on GPUs
@@ -267,7 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                     if sam is None:
                         (loss / group if group > 1 else loss).backward()
                     else:
-                        sam_backward(sam, model, per_sample, y, lambda: loss_fn(forward(x), y), ctx, tail)
+                        sam_backward(sam, model, per_sample, y, lambda: losses(forward(x)), ctx, tail)
                 if stepping:
                     optimizer.step()
                     if cfg.optim.max_norm:
