@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file
 
 from ccar import ConfigError, DataError
@@ -151,8 +152,37 @@ def test_retrain_keeps_the_backbone_bit_identical(first_stage, tmp_path, method)
     assert main(["eval", str(out)]) == 0  # the retrained run evaluates like any other
 
 
+def test_ncm_predicts_the_class_of_the_nearest_normalised_mean_by_hand():
+    """Features (the backbone is the identity) of two classes; the means of the L2-normalised features, by hand,
+    and the class of a query point by cosine similarity."""
+    from ccar.engine.decoupling import set_class_means
+    from ccar.engine.distributed import DistContext
+    from ccar.models import NormedLinear
+
+    model = nn.Sequential()
+    model.fc = NormedLinear(2, 2)
+    x = torch.tensor([[3.0, 0.0], [4.0, 3.0], [0.0, 2.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    means = set_class_means(model, [(x, y)], lambda v: v, torch.device("cpu"), None, DistContext(0, 1, 0))
+    # class 0: ([1, 0] + [0.8, 0.6]) / 2 = [0.9, 0.3]; class 1: ([0, 1] + [-1, 0]) / 2 = [-0.5, 0.5]
+    assert torch.allclose(means, torch.tensor([[0.9, 0.3], [-0.5, 0.5]]))
+    query = torch.tensor([[0.1, 1.0]])  # cos to [0.9, 0.3]: 0.409; to [-0.5, 0.5]: 0.633 -> class 1
+    assert torch.allclose(model(query), torch.tensor([[0.4090, 0.6332]]), atol=1e-4)
+    assert model(query).argmax(1).item() == 1
+
+
+def test_ncm_retrain_trains_nothing_and_evaluates_like_any_run(first_stage, tmp_path):
+    out = tmp_path / "ncm"
+    metrics = retrain(first_stage, ["method=ncm", f"out={out}"], log=lambda *_: None)
+    parent, child = load_file(first_stage / "best.safetensors"), load_file(out / "last.safetensors")
+    assert all(torch.equal(parent[k], child[k]) for k in parent if not k.startswith("fc."))
+    assert child["fc.weight"].shape == parent["fc.weight"].t().shape  # a cosine head: (features, classes)
+    assert metrics["epochs"] == 0 and metrics["top1"] > 20 and "nearest class mean" in metrics["selection"]
+    assert main(["eval", str(out)]) == 0
+
+
 def test_retrain_errors(first_stage, tmp_path):
-    with pytest.raises(ConfigError, match="method=crt, method=lws or method=ft"):
+    with pytest.raises(ConfigError, match="method=crt, method=lws, method=ft or method=ncm"):
         retrain_config(first_stage, [])
     with pytest.raises(ConfigError, match="not a finished ccar run"):
         retrain_config(tmp_path, ["method=crt"])

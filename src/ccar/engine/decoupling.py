@@ -5,6 +5,9 @@ weight balancing (Alshammari et al. 2022).
   with class-balanced sampling;
 - LWS: backbone and classifier frozen, one learnable scale per class on the classifier's logits;
 - ft: the classifier kept and fine-tuned (weight balancing's second stage);
+- NCM: no training; the classifier becomes the nearest class mean: a cosine head whose class vectors are the means
+  of the L2-normalised training features of each class (Kang et al. 2020's NCM with cosine similarity); its logits
+  are cosine similarities in [-1, 1], so its ECE is not comparable with a trained classifier's;
 - tau-norm: each classifier row w_c divided by ||w_c||^tau after training; ``tau_norm=auto`` picks tau on the
   validation split (balanced accuracy over the grid 0, 0.1, ..., 2.0), never on the test split;
 - MaxNorm: after every optimizer step each classifier row is projected to norm <= delta.
@@ -20,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
-RETRAIN_METHODS = ("crt", "lws", "ft")  # `ccar retrain RUN method=...`
+RETRAIN_METHODS = ("crt", "lws", "ft", "ncm")  # `ccar retrain RUN method=...`
 
 
 class LearnableWeightScaling(nn.Module):
@@ -79,6 +82,9 @@ def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch
 
     head_name = classifier_name(model)
     state = dict(parent_state)
+    if method == "ncm":  # the parent's classifier (of its own kind) is replaced; set_class_means fills the new one
+        state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
+        state.update({f"{head_name}.{k}": v for k, v in classifier(model).state_dict().items()})
     if method == "lws":  # the parent's classifier lives inside the wrapper, the scales start at 1
         state = {(k.replace(head_name + ".", head_name + ".classifier.", 1) if k.startswith(head_name + ".") else k): v
                  for k, v in state.items()}
@@ -90,11 +96,42 @@ def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     for name, p in model.named_parameters():
-        if method in ("crt", "ft"):
+        if method == "ncm":
+            p.requires_grad_(False)
+        elif method in ("crt", "ft"):
             p.requires_grad_(name.startswith(head_name + "."))
         else:
             p.requires_grad_(name == f"{head_name}.scale")
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def set_class_means(model: nn.Module, batches, prepare, device, dtype, ctx) -> torch.Tensor:
+    """NCM: the model's cosine classifier set to the mean L2-normalised feature of each class over ``batches`` (the
+    training split, without augmentation; under torchrun gathered from every rank). Returns the means (C, D)."""
+    from ..models import NormedLinear
+    from .evaluate import predict
+    from .scoring import gather_in_order
+
+    head = classifier(model)
+    if not isinstance(head, NormedLinear):
+        raise ConfigError("method=ncm needs the cosine head `ccar retrain` builds for it")
+    features: List[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach().float().cpu()))
+    try:
+        _, targets = predict(model, batches, prepare, device, dtype)
+    finally:
+        hook.remove()
+    feats, targets = gather_in_order(ctx, torch.cat(features).to(device), targets.to(device), batches)
+    feats = nn.functional.normalize(feats.float(), dim=1)
+    num_classes = head.weight.shape[1]
+    sums = torch.zeros(num_classes, feats.shape[1], device=feats.device).index_add_(0, targets, feats)
+    seen = torch.bincount(targets, minlength=num_classes)
+    if (seen == 0).any():
+        raise ConfigError(f"method=ncm: class {int((seen == 0).nonzero()[0])} has no training sample to average")
+    means = sums / seen[:, None]
+    head.weight.copy_(means.t().to(head.weight.dtype))  # NormedLinear: (in, out); it normalises the columns itself
+    return means
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

@@ -1,11 +1,12 @@
-"""``ccar retrain RUN_DIR method=crt|lws``: the second stage of decoupled training (Kang et al. 2020) as a new run.
+"""``ccar retrain RUN_DIR method=crt|lws|ft|ncm``: the second stage of decoupled training (Kang et al. 2020) as a new run.
 
 The parent run's best-on-validation model is loaded, everything but the classifier is frozen (BatchNorm
 statistics too), and the classifier is trained with class-balanced sampling: cRT re-initialises it, LWS keeps it
 and learns one scale per class, ``ft`` keeps it and fine-tunes it (the second stage of weight balancing, usually
 with ``sampler=instance loss.name=cb optim.max_norm=...``). Defaults (each overridable with ``key=value``): 10 epochs, plain cross-entropy,
 ``sampler=class-balanced``, no warm-up, cosine schedule, the parent's optimizer otherwise. The result is a run
-folder like any other, whose ``config.yaml`` names its parent (``parent``, ``retrain``).
+folder like any other, whose ``config.yaml`` names its parent (``parent``, ``retrain``). ``method=ncm`` trains
+nothing: the classifier becomes the nearest class mean of the frozen backbone's training features.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
         else:
             rest.append(item)
     if method not in METHODS:
-        raise ConfigError(f"ccar retrain needs method=crt, method=lws or method=ft, got {method!r}")
+        raise ConfigError(f"ccar retrain needs method=crt, method=lws, method=ft or method=ncm, got {method!r}")
     parent = load_config(str(config))
     if parent.retrain:
         raise ConfigError(f"{run_dir} is itself a retrained run; retrain its parent {parent.parent} instead")
     cfg = copy.deepcopy(parent)
     cosine = parent.model.head == "cosine" or (parent.model.head == "auto" and parent.loss.uses_ldam)
-    cfg.model.head = "cosine" if cosine else "linear"  # the parent's classifier type, whatever the new loss
+    cfg.model.head = "cosine" if cosine or method == "ncm" else "linear"  # the parent's classifier type, whatever
+    # the new loss; NCM's class means are a cosine head
     cfg.loss = LossConfig(name="ce", base=None)
     cfg.epochs, cfg.sampler, cfg.sampler_epoch = 10, "class-balanced", 0
     cfg.optim.warmup_epochs, cfg.optim.schedule = 0, "cosine"
@@ -47,7 +49,7 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
     cfg.retrain, cfg.parent = method, str(run_dir)
     apply_overrides(cfg, rest)
     if cfg.retrain != method or cfg.parent != str(run_dir):
-        raise ConfigError("retrain and parent are set by `ccar retrain`; pass method=crt|lws|ft and the run folder")
+        raise ConfigError("retrain and parent are set by `ccar retrain`; pass method=crt|lws|ft|ncm and the run folder")
     return validate(cfg)
 
 

@@ -21,7 +21,7 @@ from ..losses import build_loss
 from ..models import NormedLinear
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, save_config, to_dict, validate
-from .decoupling import classifier_name, prepare_retrain, project_max_norm
+from .decoupling import classifier_name, prepare_retrain, project_max_norm, set_class_means
 from .distributed import init_distributed
 from .features import cached_features, head_only, uses_cache
 from .finetune import load_trained, saved_state, set_train_modes
@@ -204,6 +204,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         partial = meta.get("partial")  # stopped mid-epoch (a signal, or checkpoint_minutes): where, and the RNGs
         if partial is not None:
             partial["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    if cfg.retrain == "ncm":  # nearest class mean: nothing to train, the classifier is the training set's means
+        set_class_means(model, eval_batches(data.train), prepare, device, dtype, ctx)
+        start_epoch = cfg.epochs
     if ctx.is_main:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         start = (f", from {cfg.model.weights}" if cfg.model.weights else "") + (
@@ -403,7 +406,8 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         "epochs": len(history),
         "seconds": history[-1]["seconds"] if history else 0.0,
         "class_counts": data.class_counts,
-        "selection": "best balanced accuracy on the validation split" if best_state is not None else "last epoch (no validation split)",
+        "selection": "nearest class mean (nothing trained, nothing selected)" if cfg.retrain == "ncm" else
+        "best balanced accuracy on the validation split" if best_state is not None else "last epoch (no validation split)",
         "best": results["best"],
         "last": results["last"],
     }
