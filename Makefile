@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[plot,dev,hf,lora,slurm]"
+	$(BIN)/python -m pip install -q -e ".[plot,dev,hf,lora,slurm,augment]"
 	touch $@
 
 data:

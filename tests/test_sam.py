@@ -1,5 +1,5 @@
 """SAM, ASAM and ImbSAM steps against hand-computed references; gradient accumulation; their configs; resume
-(with mixing too: its draws are part of the saved random state)."""
+(with mixing and augmentation policies too: their draws are part of the saved random state)."""
 
 import numpy as np
 import pytest
@@ -84,8 +84,9 @@ def _cfg(root, out, *extra, epochs=2):
 
 
 @pytest.mark.parametrize("extra", [["optim.sam=0.05", "optim.sam_scope=tail"], ["optim.accumulate=3"],
-                                   ["mix=cutmix", "mix_prob=0.5"], ["mix=remix", "optim.sam=0.05"]],
-                         ids=["imbsam", "accumulate", "cutmix", "remix-sam"])
+                                   ["mix=cutmix", "mix_prob=0.5"], ["mix=remix", "optim.sam=0.05"],
+                                   ["augment.policy=randaugment", "augment.cutout=6"]],
+                         ids=["imbsam", "accumulate", "cutmix", "remix-sam", "randaugment-cutout"])
 def test_a_run_cut_mid_epoch_resumes_bit_identically(digits, tmp_path, monkeypatch, extra):
     """A CNN with BatchNorm; checkpoint_minutes tiny: a mid-epoch checkpoint at every optimizer step; the run is
     killed after the 5th and resumed."""

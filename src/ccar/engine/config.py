@@ -82,6 +82,10 @@ class HeadInit:
 @dataclass
 class AugmentConfig:
     flip: str = "auto"  # horizontal flip of training images: auto (the dataset's choice: photos yes, digits/grey no), true, false
+    policy: str = "none"  # none, randaugment, autoaugment (CIFAR-10 policy): batched on the device (kornia)
+    n: int = 2  # randaugment: operations per image
+    m: int = 10  # randaugment: magnitude (0-30)
+    cutout: int = 0  # side of the square Cutout zeroes in each training image (0: off)
 
 
 @dataclass
@@ -339,6 +343,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(not o.sam or o.accumulate == 1, "optim.accumulate", "1 with optim.sam (a SAM step needs its whole "
            "batch at once)", o.accumulate)
     _check(cfg.augment.flip in ("auto", "true", "false"), "augment.flip", "auto, true or false", cfg.augment.flip)
+    from ..data.policies import POLICIES
+
+    _check(cfg.augment.policy in POLICIES, "augment.policy", f"one of {', '.join(POLICIES)}", cfg.augment.policy)
+    _check(cfg.augment.n >= 1, "augment.n", "an integer >= 1 (operations per image)", cfg.augment.n)
+    _check(0 <= cfg.augment.m <= 30, "augment.m", "a magnitude in 0..30", cfg.augment.m)
+    _check(cfg.augment.cutout >= 0, "augment.cutout", "a side in pixels >= 0 (0: off)", cfg.augment.cutout)
     _check(cfg.resume in (None, "auto", "false"), "resume", "auto or false (unset: auto when torchrun or Slurm "
            "restarted the process)", cfg.resume)
     _check(cfg.checkpoint_minutes >= 0, "checkpoint_minutes", "a number of minutes >= 0 (0: off)",

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import normalize
 from ..data.loaders import loader_state, resume_loader
+from ..data.policies import batch_policy
 from ..errors import ConfigError, TrainingError
 from ..losses import build_loss
 from ..models import NormedLinear
@@ -191,6 +192,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                               f"class has {min(counts)} training images)")
     accumulate = cfg.optim.accumulate
     counts_t = torch.tensor(counts, dtype=torch.float32, device=device)  # (Remix's count ratios)
+    policy = batch_policy(cfg.augment)  # augment.policy / augment.cutout: on the uint8 batch, before normalising
+    if policy is not None and len(data.input_shape) != 3:
+        raise ConfigError(f"augment.policy and augment.cutout apply to images; this run trains on vectors of "
+                          f"{data.input_shape[0]} values"
+                          + (" (cached from the frozen backbone: cache_features=false augments the images)"
+                             if uses_cache(cfg) else ""))
 
     def forward(x):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -216,6 +223,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             f"run folder {run_dir}")
         if accumulate > 1 or sam is not None:
             log(optimizer_summary(cfg.optim, ctx.world_size, tail))
+        if policy is not None:
+            log(f"augmentation policy: {policy.describe()} (each training batch, after the crop and flip)")
         if resume:
             where = f"epoch {start_epoch + 1}, after step {partial['step']}" if partial else \
                 f"the start of epoch {start_epoch + 1}"
@@ -253,7 +262,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 lr = lr_at(cfg.optim, cfg.epochs, epoch + (step + 1) / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
-                x, y = prepare(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = prepare(policy(x) if policy is not None else x)
                 if mixing:  # mix=mixup|cutmix|remix: the partners' labels and the label weight of each sample
                     x, y_j, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, counts_t, cfg.mix_prob, cfg.remix_kappa,
                                             cfg.remix_tau)

@@ -1,0 +1,87 @@
+"""Augmentation policies on whole uint8 image batches on the device: RandAugment, AutoAugment (CIFAR-10 policy)
+and Cutout, after the crop and flip of the loaders.
+
+``augment.policy=randaugment augment.n=2 augment.m=10`` (Cubuk et al. 2020) and ``augment.policy=autoaugment``
+(Cubuk et al. 2019, the CIFAR-10 policy) are kornia's batched implementations (``pip install 'ccar[augment]'``),
+with parameters drawn per image. ``augment.cutout=S`` (DeVries & Taylor 2017) zeroes one S x S square per image,
+centred uniformly and clipped at the border. One-channel images go through the colour operations as three equal
+channels and come back as one, so the policies are grey-safe.
+
+Random draws come from torch's generator, which is seeded per epoch and saved in mid-epoch checkpoints: a resumed
+run augments the same way. They run in the training loop on the batch that arrived, for device-resident and
+streamed data alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError
+
+POLICIES = ("none", "randaugment", "autoaugment")
+
+
+def _kornia_policy(name: str, n: int, m: int):
+    try:
+        from kornia.augmentation.auto import AutoAugment, RandAugment
+    except ImportError:
+        raise ConfigError(f"augment.policy={name} needs kornia: pip install 'ccar[augment]'") from None
+    return RandAugment(n=n, m=m) if name == "randaugment" else AutoAugment(policy="cifar10")
+
+
+def cutout(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero one ``size`` x ``size`` square per image of a float (B, C, H, W) batch, centred uniformly, clipped.
+
+    >>> _ = torch.manual_seed(0)
+    >>> out = cutout(torch.ones(2, 1, 6, 6), 2)
+    >>> [int((o == 0).sum()) in (1, 2, 4) for o in out]
+    [True, True]
+    """
+    b, _, h, w = images.shape
+    cy = torch.randint(h, (b, 1, 1), device=images.device)
+    cx = torch.randint(w, (b, 1, 1), device=images.device)
+    rows = torch.arange(h, device=images.device).view(1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w)
+    top, left = cy - size // 2, cx - size // 2
+    mask = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(mask[:, None], 0.0)
+
+
+class BatchPolicy:
+    """``policy(x)``: a uint8 (B, C, H, W) batch augmented by the configured policy and Cutout, as uint8."""
+
+    def __init__(self, name: str = "none", n: int = 2, m: int = 10, cutout_size: int = 0):
+        if name not in POLICIES:
+            raise ConfigError(f"augment.policy must be one of {', '.join(POLICIES)}, got {name!r}")
+        self.name, self.cutout_size = name, cutout_size
+        self.policy = _kornia_policy(name, n, m) if name != "none" else None
+
+    @property
+    def active(self) -> bool:
+        return self.policy is not None or self.cutout_size > 0
+
+    def describe(self) -> str:
+        parts = [self.name] if self.policy is not None else []
+        return " + ".join(parts + ([f"cutout {self.cutout_size}px"] if self.cutout_size else []))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ConfigError(f"augment.policy and augment.cutout apply to uint8 image batches; this run's batches are "
+                              f"{images.dtype} of shape {tuple(images.shape[1:])} (features or a table?)")
+        x = images.float().div_(255.0)
+        grey = x.shape[1] == 1
+        if self.policy is not None:
+            x = self.policy(x.expand(-1, 3, -1, -1) if grey else x)
+            x = x.mean(1, keepdim=True) if grey else x
+        if self.cutout_size:
+            x = cutout(x, self.cutout_size)
+        return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def batch_policy(augment_cfg) -> Optional[BatchPolicy]:
+    """The run's policy (``cfg.augment``), or None when it has none."""
+    policy = BatchPolicy(augment_cfg.policy, augment_cfg.n, augment_cfg.m, augment_cfg.cutout)
+    return policy if policy.active else None
