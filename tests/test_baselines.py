@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file
 
-from ccar import ConfigError, DataError
+from ccar import ConfigError, DataError, LossError
 from ccar.cli import main
 from ccar.data import ClassSampler, DeviceLoader, class_sampling_probs
 from ccar.data.sampling import shard
@@ -181,8 +181,35 @@ def test_ncm_retrain_trains_nothing_and_evaluates_like_any_run(first_stage, tmp_
     assert main(["eval", str(out)]) == 0
 
 
+def test_las_target_and_loss_equal_hand_computed_values():
+    """Counts 100 / 55 / 10, concave: eps = 0.1 + 0.3 sin(pi t / 2) = 0.4, 0.1 + 0.3 sin(pi/4), 0.1; a sample of
+    class 1 has the target (eps/2, 1 - eps, eps/2) and the loss -sum q log softmax(z)."""
+    eps1 = 0.1 + 0.3 * math.sin(math.pi / 4)
+    z = torch.tensor([[1.0, 2.0, -0.5]])
+    log_p = torch.log_softmax(z, 1)[0]
+    want = -(eps1 / 2 * log_p[0] + (1 - eps1) * log_p[1] + eps1 / 2 * log_p[2])
+    got = build_loss("las", [100, 55, 10])(z, torch.tensor([1]))
+    assert torch.allclose(got, want)
+    linear = build_loss("las", [100, 55, 10], smooth_shape="linear", smooth_head=0.5, smooth_tail=0.0)
+    assert torch.allclose(linear.smoothing, torch.tensor([0.5, 0.25, 0.0]))
+    with pytest.raises(LossError, match="las: smooth_head must be in"):
+        build_loss("las", [100, 10], smooth_head=1.2)
+
+
+def test_las_retrain_shifts_batchnorm_statistics_and_nothing_else_of_the_backbone(first_stage, tmp_path):
+    out = tmp_path / "las"
+    retrain(first_stage, ["method=las", "epochs=2", f"out={out}"], log=lambda *_: None)
+    parent, child = load_file(first_stage / "best.safetensors"), load_file(out / "last.safetensors")
+    stats = [k for k in parent if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in parent if not k.startswith("fc.") and k not in stats and "num_batches" not in k]
+    assert stats and all(torch.equal(parent[k], child[k]) for k in weights)  # convolutions, BN affine
+    assert any(not torch.equal(parent[k], child[k]) for k in stats)  # shift learning on BatchNorm
+    assert not torch.equal(parent["fc.weight"], child["fc.weight"])
+    assert load_config(str(out / "config.yaml")).loss.name == "las"
+
+
 def test_retrain_errors(first_stage, tmp_path):
-    with pytest.raises(ConfigError, match="method=crt, method=lws, method=ft or method=ncm"):
+    with pytest.raises(ConfigError, match="method=crt, method=lws, method=ft, method=las or method=ncm"):
         retrain_config(first_stage, [])
     with pytest.raises(ConfigError, match="not a finished ccar run"):
         retrain_config(tmp_path, ["method=crt"])

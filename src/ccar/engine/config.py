@@ -40,6 +40,9 @@ class LossConfig:
     tau: Optional[float] = None
     max_margin: Optional[float] = None
     scale: Optional[float] = None
+    smooth_head: Optional[float] = None  # las: label smoothing of the most frequent class (0.4)
+    smooth_tail: Optional[float] = None  # las: of the rarest (0.1)
+    smooth_shape: Optional[str] = None  # las: concave, linear or convex in between
     drw_epoch: Optional[int] = None
     drw_beta: Optional[float] = None
 
@@ -148,7 +151,7 @@ class TrainConfig:
     finetune: str = "full"  # which parameters train: full, linear (classifier), bias (+ biases), lora (+ adapters)
     cache_features: str = "auto"  # frozen backbone: classifier trained on features computed once (auto: finetune=linear)
     feature_cache: Optional[str] = None  # folder keeping those features between runs (a sweep: its features/)
-    retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws or ft (classifier re-training of a parent run)
+    retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws, ft, las or ncm (second stage of a parent run)
     parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
     checkpoint_every: int = 1  # epochs
     checkpoint_minutes: float = 0.0  # also checkpoint mid-epoch every this many minutes (0: off; long epochs)
@@ -319,6 +322,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     _check(cfg.finetune in FINETUNE_MODES, "finetune", f"one of {', '.join(FINETUNE_MODES)}", cfg.finetune)
     _check(cfg.cache_features in ("auto", "true", "false"), "cache_features", "auto, true or false", cfg.cache_features)
+    _check(cfg.cache_features != "true" or cfg.retrain != "las", "cache_features",
+           "auto or false for `ccar retrain method=las` (BatchNorm statistics shift: the backbone runs on images)",
+           cfg.cache_features)
     _check(cfg.cache_features != "true" or cfg.finetune == "linear" or cfg.retrain is not None, "cache_features",
            f"true only for a frozen backbone (finetune=linear, or `ccar retrain`; finetune={cfg.finetune} trains it)",
            cfg.cache_features)

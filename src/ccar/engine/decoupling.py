@@ -5,6 +5,9 @@ weight balancing (Alshammari et al. 2022).
   with class-balanced sampling;
 - LWS: backbone and classifier frozen, one learnable scale per class on the classifier's logits;
 - ft: the classifier kept and fine-tuned (weight balancing's second stage);
+- LAS (MiSLAS's second stage, Zhong et al. 2021): the classifier kept and re-trained with label-aware smoothing
+  (``loss.name=las``: the head smoothed most), class-balanced sampling, and BatchNorm's *statistics* shifted to the
+  re-sampled data (the backbone runs in training mode; its weights and BatchNorm's affine parameters stay frozen);
 - NCM: no training; the classifier becomes the nearest class mean: a cosine head whose class vectors are the means
   of the L2-normalised training features of each class (Kang et al. 2020's NCM with cosine similarity); its logits
   are cosine similarities in [-1, 1], so its ECE is not comparable with a trained classifier's;
@@ -23,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
-RETRAIN_METHODS = ("crt", "lws", "ft", "ncm")  # `ccar retrain RUN method=...`
+RETRAIN_METHODS = ("crt", "lws", "ft", "las", "ncm")  # `ccar retrain RUN method=...`
 
 
 class LearnableWeightScaling(nn.Module):
@@ -98,7 +101,7 @@ def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch
     for name, p in model.named_parameters():
         if method == "ncm":
             p.requires_grad_(False)
-        elif method in ("crt", "ft"):
+        elif method in ("crt", "ft", "las"):
             p.requires_grad_(name.startswith(head_name + "."))
         else:
             p.requires_grad_(name == f"{head_name}.scale")

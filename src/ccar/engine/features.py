@@ -35,6 +35,8 @@ FEATURE_KEYS = ("dataset", "data_root", "imbalance", "n_max", "profile", "classe
 
 def uses_cache(cfg: TrainConfig) -> bool:
     """Whether this run trains its classifier on cached features (see the module docstring)."""
+    if cfg.retrain == "las":  # its BatchNorm statistics follow the re-sampled images: the backbone must run
+        return False
     if cfg.cache_features == "auto":
         return cfg.finetune == "linear"
     return cfg.cache_features == "true"  # validate() refused it for a backbone that trains

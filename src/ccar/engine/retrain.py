@@ -1,4 +1,4 @@
-"""``ccar retrain RUN_DIR method=crt|lws|ft|ncm``: the second stage of decoupled training (Kang et al. 2020) as a new run.
+"""``ccar retrain RUN_DIR method=crt|lws|ft|las|ncm``: the second stage of decoupled training (Kang et al. 2020) as a new run.
 
 The parent run's best-on-validation model is loaded, everything but the classifier is frozen (BatchNorm
 statistics too), and the classifier is trained with class-balanced sampling: cRT re-initialises it, LWS keeps it
@@ -6,7 +6,10 @@ and learns one scale per class, ``ft`` keeps it and fine-tunes it (the second st
 with ``sampler=instance loss.name=cb optim.max_norm=...``). Defaults (each overridable with ``key=value``): 10 epochs, plain cross-entropy,
 ``sampler=class-balanced``, no warm-up, cosine schedule, the parent's optimizer otherwise. The result is a run
 folder like any other, whose ``config.yaml`` names its parent (``parent``, ``retrain``). ``method=ncm`` trains
-nothing: the classifier becomes the nearest class mean of the frozen backbone's training features.
+nothing: the classifier becomes the nearest class mean of the frozen backbone's training features. ``method=las``
+is MiSLAS's second stage: the classifier kept and re-trained with label-aware smoothing (``loss.name=las``,
+``loss.smooth_head`` 0.4, ``loss.smooth_tail`` 0.1, ``loss.smooth_shape`` concave: MiSLAS's CIFAR-100-LT values)
+while BatchNorm's statistics follow the class-balanced data (shift learning).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
         else:
             rest.append(item)
     if method not in METHODS:
-        raise ConfigError(f"ccar retrain needs method=crt, method=lws, method=ft or method=ncm, got {method!r}")
+        raise ConfigError(f"ccar retrain needs method=crt, method=lws, method=ft, method=las or method=ncm, got {method!r}")
     parent = load_config(str(config))
     if parent.retrain:
         raise ConfigError(f"{run_dir} is itself a retrained run; retrain its parent {parent.parent} instead")
@@ -41,7 +44,7 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
     cosine = parent.model.head == "cosine" or (parent.model.head == "auto" and parent.loss.uses_ldam)
     cfg.model.head = "cosine" if cosine or method == "ncm" else "linear"  # the parent's classifier type, whatever
     # the new loss; NCM's class means are a cosine head
-    cfg.loss = LossConfig(name="ce", base=None)
+    cfg.loss = LossConfig(name="las" if method == "las" else "ce", base=None)
     cfg.epochs, cfg.sampler, cfg.sampler_epoch = 10, "class-balanced", 0
     cfg.optim.warmup_epochs, cfg.optim.schedule = 0, "cosine"
     cfg.tau_norm, cfg.posthoc_tau = None, None
@@ -49,7 +52,7 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
     cfg.retrain, cfg.parent = method, str(run_dir)
     apply_overrides(cfg, rest)
     if cfg.retrain != method or cfg.parent != str(run_dir):
-        raise ConfigError("retrain and parent are set by `ccar retrain`; pass method=crt|lws|ft|ncm and the run folder")
+        raise ConfigError("retrain and parent are set by `ccar retrain`; pass method=crt|lws|ft|las|ncm and the run folder")
     return validate(cfg)
 
 

@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             mixing = cfg.mix != "none" and (cfg.mix_until is None or epoch < cfg.mix_until)
             _set_epoch(train_loader, epoch)
             net.train()
-            set_train_modes(model, "linear" if cfg.retrain else cfg.finetune)  # a frozen backbone: fixed features
+            # a frozen backbone: fixed features (LAS: BatchNorm statistics shift to the re-sampled data)
+            set_train_modes(model, "full" if cfg.retrain == "las" else "linear" if cfg.retrain else cfg.finetune)
             totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
             if partial is not None:  # resumed mid-epoch: the epoch's sums so far, its random states, its next batch
                 if ctx.is_main:  # (sums over all ranks: rank 0 carries them, the others start from 0)

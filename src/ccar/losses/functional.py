@@ -30,7 +30,7 @@ from .stats import (
 )
 
 REDUCTIONS = ("mean", "sum", "none")
-BASES = ("ce", "focal", "cb", "cb-focal", "ldam", "la", "bs", "vs")
+BASES = ("ce", "focal", "cb", "cb-focal", "ldam", "la", "bs", "vs", "las")
 # Options each base accepts, with defaults (method.md section 2).
 BASE_OPTIONS = {
     "ce": {},
@@ -41,8 +41,10 @@ BASE_OPTIONS = {
     "la": {"tau": 1.0},
     "bs": {},
     "vs": {"gamma": 0.2, "tau": 1.5},
+    "las": {"smooth_head": 0.4, "smooth_tail": 0.1, "smooth_shape": "concave"},
 }
-_NEEDS_POSITIVE = {"cb", "cb-focal", "ldam", "la", "bs", "vs"}
+_NEEDS_POSITIVE = {"cb", "cb-focal", "ldam", "la", "bs", "vs", "las"}
+LAS_SHAPES = ("concave", "linear", "convex")
 _TINY = 1e-30
 
 
@@ -57,6 +59,7 @@ class BaseSpec:
     scale: float = 1.0
     class_weight: Optional[torch.Tensor] = None  # class-balanced / DRW weight w_y
     gamma: float = 0.0  # focal exponent; 0 is cross-entropy
+    smoothing: Optional[torch.Tensor] = None  # LAS: label smoothing epsilon_y of each class
 
 
 def _float(value, name: str, who: str) -> float:
@@ -98,6 +101,9 @@ def make_base_spec(name: str, class_counts: Optional[CountsLike] = None, **optio
         spec.shift = _float(opts["tau"], "tau", name) * torch.log(counts / counts.sum())
     elif name == "bs":
         spec.shift = torch.log(counts)
+    elif name == "las":
+        spec.smoothing = label_aware_smoothing(counts, _float(opts["smooth_head"], "smooth_head", name),
+                                               _float(opts["smooth_tail"], "smooth_tail", name), opts["smooth_shape"])
     elif name == "vs":
         gamma = _float(opts["gamma"], "gamma", name)
         if gamma < 0:
@@ -107,6 +113,26 @@ def make_base_spec(name: str, class_counts: Optional[CountsLike] = None, **optio
     if spec.gamma < 0:
         raise LossError(f"{name}: gamma must be >= 0, got {spec.gamma}")
     return spec
+
+
+def label_aware_smoothing(counts: torch.Tensor, head: float = 0.4, tail: float = 0.1, shape: str = "concave"
+                          ) -> torch.Tensor:
+    """MiSLAS's label-aware smoothing factors (Zhong et al., CVPR 2021, eq. 5): ε_y = ε_tail + (ε_head − ε_tail)·g(t),
+    t = (n_y − n_min) / (n_max − n_min), g(t) = sin(πt/2) (concave), t (linear) or 1 − cos(πt/2) (convex): the
+    head is smoothed most. The target of a sample of class y is 1 − ε_y on y and ε_y / (C − 1) on each other class.
+
+    >>> [round(v, 4) for v in label_aware_smoothing(torch.tensor([100.0, 55, 10]), 0.4, 0.1).tolist()]
+    [0.4, 0.3121, 0.1]
+    """
+    if shape not in LAS_SHAPES:
+        raise LossError(f"las: smooth_shape must be one of {', '.join(LAS_SHAPES)}, got {shape!r}")
+    for value, what in ((head, "smooth_head"), (tail, "smooth_tail")):
+        if not 0 <= value < 1:
+            raise LossError(f"las: {what} must be in [0, 1), got {value}")
+    span = counts.max() - counts.min()
+    t = (counts - counts.min()) / span if span > 0 else torch.ones_like(counts)
+    g = {"concave": torch.sin(math.pi * t / 2), "linear": t, "convex": 1 - torch.cos(math.pi * t / 2)}[shape]
+    return tail + (head - tail) * g
 
 
 def _to_float(logits: torch.Tensor) -> torch.Tensor:
@@ -145,6 +171,10 @@ def _per_sample_base(z: torch.Tensor, targets: torch.Tensor, spec: BaseSpec, log
         loss = -(-torch.expm1(log_pt)).clamp_min(_TINY).pow(spec.gamma) * log_pt
     else:
         loss = -log_pt
+    if spec.smoothing is not None:  # LAS: -(1 - ε) log p_y - ε/(C-1) Σ_{c≠y} log p_c
+        eps = spec.smoothing.to(z.device, z.dtype)[targets]
+        others = torch.log_softmax(z, dim=1).sum(1) - log_pt
+        loss = (1 - eps) * loss - eps / (z.shape[1] - 1) * others
     if spec.class_weight is not None:
         loss = loss * spec.class_weight.to(z.device, z.dtype)[targets]
     return loss
@@ -157,11 +187,11 @@ def base_loss(
     _check_reduction(reduction)
     if check:
         check_targets(logits, targets, spec.name)
-        for table in (spec.class_scale, spec.shift, spec.margins, spec.class_weight):
+        for table in (spec.class_scale, spec.shift, spec.margins, spec.class_weight, spec.smoothing):
             if table is not None:
                 check_num_classes(table, logits, spec.name)
     z = adjusted_logits(logits, targets, spec)
-    if not spec.gamma and spec.class_weight is None:
+    if not spec.gamma and spec.class_weight is None and spec.smoothing is None:
         return F.cross_entropy(z, targets, reduction=reduction)
     log_pt = torch.log_softmax(z, dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
     return _reduce(_per_sample_base(z, targets, spec, log_pt), reduction)
@@ -398,7 +428,8 @@ def ccar_from_spec(
     """CCAR over a prepared base loss; the modules call this with tables cached on the device.
 
     One code path on every device: the autograd function above, or, for ``normalize="batch"`` (whose weights
-    couple the samples), composed autograd ops.
+    couple the samples) and for LAS (whose loss depends on every class's probability, not on p_t alone), composed
+    autograd ops.
     """
     _check_reduction(reduction)
     if normalize not in NORMALIZE:
@@ -410,7 +441,7 @@ def ccar_from_spec(
     log_explore, log_consolidate = tables.log_base.to(z.device, z.dtype)[:, targets]  # one gather for both rows
     weight_y = None if spec.class_weight is None else spec.class_weight.to(z.device, z.dtype)[targets]
     omega = float(omega)
-    if normalize is None:
+    if normalize is None and spec.smoothing is None:
         loss, _, _ = _FusedCCAR.apply(
             z, targets, weight_y, log_explore, log_consolidate, omega, spec.gamma, bool(detach_weight), reduction
         )
@@ -420,7 +451,8 @@ def ccar_from_spec(
     weight = torch.exp((omega - p_t) * torch.where(p_t < omega, log_explore, log_consolidate))
     if detach_weight:
         weight = weight.detach()
-    weight = weight / weight.mean()
+    if normalize == "batch":
+        weight = weight / weight.mean()
     return _reduce(weight * _per_sample_base(z, targets, spec, log_pt), reduction)
 
 

@@ -49,6 +49,7 @@ class LongTailLoss(nn.Module):
         self.register_buffer("shift", _f32(spec.shift), persistent=False)
         self.register_buffer("margins", _f32(spec.margins), persistent=False)
         self.register_buffer("class_weight", _f32(spec.class_weight), persistent=False)
+        self.register_buffer("smoothing", _f32(spec.smoothing), persistent=False)
         drw_weight = None
         if drw_epoch is not None:
             if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 0:
@@ -80,7 +81,7 @@ class LongTailLoss(nn.Module):
         if spec is None:
             weight = self.drw_weight if active else self.class_weight
             spec = self._cache[active] = LF.BaseSpec(self.name, self.shift, self.class_scale, self.margins, self.scale,
-                                                     weight, self.gamma)
+                                                     weight, self.gamma, self.smoothing)
         return spec
 
     def _apply(self, fn, *args, **kwargs):
