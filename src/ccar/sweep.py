@@ -62,7 +62,7 @@ class Cell:
     values: Dict[str, Any]  # grid values
     seed: int
     overrides: List[str]
-    stage2: Optional[List[str]] = None  # `ccar retrain` overrides (method=crt|lws, ...) for two-stage methods
+    stage2: Optional[List[str]] = None  # `ccar retrain` overrides (method=crt|lws|ft|las|ncm, ...) for two stages
     tuned: Dict[str, Any] = field(default_factory=dict)  # this cell's candidate of the method's `tune` grid
     shares: Optional[str] = None  # key of an earlier cell that trains the same (first-stage) model: reuse its run
 
@@ -127,7 +127,7 @@ def expand(spec: Dict[str, Any], rows: Optional[List[Dict[str, Any]]] = None, pe
         over.pop("tune", None)
         second = over.pop("stage2", None)
         if second is not None and (not isinstance(second, dict) or second.get("method") not in RETRAIN_METHODS):
-            raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: crt, lws or ft")
+            raise ConfigError(f"sweep method {name!r}: stage2 must be a mapping with method: {', '.join(RETRAIN_METHODS)}")
         methods[name] = [_as_override(k, v) for k, v in flatten("", over).items()]
         stage2[name] = None if second is None else [_as_override(k, v) for k, v in flatten("", second).items()]
     seeds = [int(s) for s in spec.get("seeds") or [0]]
