@@ -39,7 +39,7 @@ def remix_lambda(lam: torch.Tensor, counts: torch.Tensor, y_i: torch.Tensor, y_j
     >>> remix_lambda(torch.tensor(0.7), counts, torch.tensor([2, 0]), torch.tensor([0, 1])).tolist()
     [1.0, 0.699999988079071]
     """
-    lam = torch.as_tensor(lam, dtype=torch.float32, device=y_i.device).expand(y_i.shape).clone()
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=y_i.device).expand(y_i.shape)
     ratio = counts[y_i].float() / counts[y_j].float()
     out = lam.clone()
     out[(ratio >= kappa) & (lam < tau)] = 0.0
@@ -47,12 +47,12 @@ def remix_lambda(lam: torch.Tensor, counts: torch.Tensor, y_i: torch.Tensor, y_j
     return out
 
 
-def _box(height: int, width: int, lam: float, generator=None) -> Tuple[int, int, int, int]:
+def _box(height: int, width: int, lam: float) -> Tuple[int, int, int, int]:
     """CutMix's box: sides sqrt(1 − λ) of the image's, centred uniformly, clipped to the image."""
     cut = (1.0 - lam) ** 0.5
     h, w = int(height * cut), int(width * cut)
-    cy = int(torch.randint(height, (1,), generator=generator))
-    cx = int(torch.randint(width, (1,), generator=generator))
+    cy = int(torch.randint(height, (1,)))
+    cx = int(torch.randint(width, (1,)))
     return max(cy - h // 2, 0), min(cy + h // 2, height), max(cx - w // 2, 0), min(cx + w // 2, width)
 
 

@@ -76,15 +76,16 @@ class SAM:
     @torch.no_grad()
     def perturbation(self) -> List[Optional[torch.Tensor]]:
         """ε for the current gradients, one tensor per parameter (None where it has no gradient)."""
-        scaled = [None if p.grad is None else (p.grad.float() * (p.abs().float() + ASAM_ETA) if self.adaptive
-                                                else p.grad.float()) for p in self.params]
+        # ASAM's per-weight scale T = |w| + eta (SAM: 1); the ball's direction is T g, the step T (T g) / ||T g||
+        scales = [p.abs().float() + ASAM_ETA if self.adaptive else None for p in self.params]
+        scaled = [None if p.grad is None else p.grad.float() if t is None else p.grad.float() * t
+                  for p, t in zip(self.params, scales)]
         present = [s for s in scaled if s is not None]
         if not present:
             return [None] * len(self.params)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in present]))
-        factor = self.rho / (norm + 1e-12)
-        return [None if s is None else ((s * (p.abs().float() + ASAM_ETA) if self.adaptive else s) * factor).to(p.dtype)
-                for p, s in zip(self.params, scaled)]
+        factor = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in present])) + 1e-12)
+        return [None if s is None else ((s if t is None else s * t) * factor).to(p.dtype)
+                for p, s, t in zip(self.params, scaled, scales)]
 
     @torch.no_grad()
     def ascend(self, eps: Optional[List[Optional[torch.Tensor]]] = None) -> None:

@@ -25,13 +25,15 @@ def eval_logit_scale(cfg: TrainConfig) -> float:
 
 
 def evaluate_split(model, batches, prepare, device, counts, ctx: DistContext, dtype=None, posthoc_tau=None,
-                   logit_scale: float = 1.0):
-    """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered."""
+                   logit_scale: float = 1.0, shifts: bool = True):
+    """Metrics over a whole split; under data parallelism each rank predicts its shard, then logits are gathered.
+    ``shifts=False``: without the test-agnostic scores and confusion (per-epoch validation)."""
     logits, targets = predict(model, batches, prepare, device, dtype)
-    return logit_metrics(logits, targets, batches, device, counts, ctx, posthoc_tau, logit_scale)
+    return logit_metrics(logits, targets, batches, device, counts, ctx, posthoc_tau, logit_scale, shifts)
 
 
-def logit_metrics(logits, targets, batches, device, counts, ctx: DistContext, posthoc_tau=None, logit_scale=1.0):
+def logit_metrics(logits, targets, batches, device, counts, ctx: DistContext, posthoc_tau=None, logit_scale=1.0,
+                  shifts: bool = True):
     """Metrics of this rank's logits over ``batches``: scaled, gathered across ranks, post-hoc adjusted."""
     logits = logits * logit_scale
     if ctx.enabled:
@@ -39,7 +41,7 @@ def logit_metrics(logits, targets, batches, device, counts, ctx: DistContext, po
         logits, targets = logits.cpu(), targets.cpu()
     if posthoc_tau:
         logits = posthoc_logit_adjustment(logits, counts, posthoc_tau)
-    return classification_metrics(logits, targets, counts)
+    return classification_metrics(logits, targets, counts, shifts=shifts)
 
 
 def gather_in_order(ctx: DistContext, values: torch.Tensor, targets: torch.Tensor, batches
@@ -86,7 +88,7 @@ def tau_scorer(cfg, data, model, eval_batches, prepare, device, ctx, dtype) -> C
                                                                   enabled=dtype is not None):
             logits = torch.cat([head(f).float().cpu() for f in features])
         return logit_metrics(logits, targets, batches, device, data.class_counts, ctx, cfg.posthoc_tau,
-                             eval_logit_scale(cfg))["balanced"]
+                             eval_logit_scale(cfg), shifts=False)["balanced"]
 
     return score
 

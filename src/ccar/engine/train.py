@@ -323,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
             train_seconds = time.perf_counter() - t0
             if has_val:
                 val = evaluate_split(model, eval_batches(data.val), prepare, device, counts, ctx, dtype, cfg.posthoc_tau,
-                                     eval_logit_scale(cfg))
+                                     eval_logit_scale(cfg), shifts=False)
             else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too
                 val = {"top1": None, "balanced": None}
             elapsed += time.perf_counter() - t0
