@@ -162,9 +162,16 @@ def test_a_multi_gpu_sweep_cell_runs_both_stages_under_torchrun_like_one_process
     rows = {}
     for nproc, batch in ((1, 16), (2, 8)):  # the same global batch (batch_size is per process)
         spec = {"base": {**base, "optim": {"lr": 0.05, "batch_size": batch}}, "seeds": [0],
-                "methods": {"CE+cRT": {"loss.name": "ce", "stage2": {"method": "crt", "epochs": 2}}}}
-        (cell,) = expand(spec)
-        rows[nproc] = _run_cell(cell, str(tmp_path / f"x{nproc}" / "run"), 1, nproc=nproc)
-    assert (tmp_path / "x2" / "run.launch.yaml").exists() and (tmp_path / "x2" / "run-crt" / "metrics.json").exists()
-    one, two = rows[1], rows[2]
-    assert one["stage1_top1"] == two["stage1_top1"] and one["metrics"]["per_class"] == two["metrics"]["per_class"]
+                "methods": {f"CE+{m}": {"loss.name": "ce", "stage2": {"method": m, **({} if m == "ncm" else {"epochs": 2})}}
+                            for m in ("crt", "las", "ncm")}}
+        cells = expand(spec)  # cRT trains the first stage; MiSLAS's LAS stage and NCM re-use it (cell.shares)
+        first = str(tmp_path / f"x{nproc}" / "CE+crt")
+        rows[nproc] = {c.method: _run_cell(c, str(tmp_path / f"x{nproc}" / c.method), 1, None if i == 0 else first, nproc=nproc)
+                       for i, c in enumerate(cells)}
+        assert [c.shares for c in cells] == [None, cells[0].key, cells[0].key]
+    assert (tmp_path / "x2" / "CE+crt.launch.yaml").exists() and (tmp_path / "x2" / "CE+las-las" / "metrics.json").exists()
+    for method in ("CE+crt", "CE+las", "CE+ncm"):
+        one, two = rows[1][method], rows[2][method]
+        assert one["stage1_top1"] == two["stage1_top1"], method
+        assert one["metrics"]["per_class"] == two["metrics"]["per_class"], method
+    assert rows[2]["CE+las"]["config"]["loss"]["name"] == "las" and rows[2]["CE+ncm"]["config"]["retrain"] == "ncm"

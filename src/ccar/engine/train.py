@@ -180,7 +180,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         train_loader, eval_batches = make_loaders(data, cfg, device, ctx)
         prepare = lambda x: x  # noqa: E731
         head_only(model)  # from here on model(features) = its classifier's logits
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    trains = any(p.requires_grad for p in model.parameters())  # (method=ncm trains nothing: no DDP to wrap it)
+    net = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+           if ctx.enabled and trains else model)
     step_fn = torch.compile(net) if cfg.compile else net
     sam = SAM(model.parameters(), cfg.optim.sam, cfg.optim.sam_adaptive) if cfg.optim.sam else None
     tail = None
