@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_csv
+from conftest import make_csv, make_idx_dataset
 
 
 def free_port() -> int:
@@ -81,6 +81,27 @@ def test_sam_and_accumulation_under_two_processes_match_one_at_the_same_global_b
 
 
 @pytest.mark.slow
+def test_augmented_images_under_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    """Random crop, RandAugment and Cutout on resident images: each rank draws for the whole global batch and takes
+    its rows, so 2 x 8 trains like 1 x 16 (BatchNorm over the global batch: sync_bn). Mixing is the exception: each
+    process pairs the samples of its own batch (engine/mixing.py)."""
+    from safetensors.torch import load_file
+
+    from ccar.engine.config import load_config
+    from ccar.engine.train import train
+
+    root = make_idx_dataset(tmp_path / "digits", n_per_class=(24,) * 10, test_per_class=4)  # 240 rows: 15 x 16
+    common = ["dataset=mnist-lt", "imbalance=1", f"data_root={root}", "val_fraction=0", "model.width=4", "epochs=2", "sync_bn=true",
+              "augment.policy=randaugment", "augment.cutout=3", "loss.name=ccar", "loss.base=la", "optim.lr=0.05",
+              "threads=1", "progress=false"]
+    train(load_config(None, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"]), log=lambda *_: None)
+    torchrun(2, common + ["optim.batch_size=8", f"out={tmp_path / 'two'}"], tmp_path)
+    one, two = (load_file(tmp_path / n / "last.safetensors") for n in ("one", "two"))
+    err = max((one[k].double() - two[k].double()).abs().max().item() for k in one)
+    assert err < 1e-4, err
+
+
+@pytest.mark.slow
 def test_checkpoint_resumes_under_a_different_world_size(tmp_path):
     root = make_csv(tmp_path / "csv", counts=(96, 32, 16))
     common = ["dataset=csv", f"data_root={root}", "val_fraction=0", "model.name=mlp", "model.hidden=[]",
@@ -138,14 +159,19 @@ def test_torchrun_restarts_a_group_whose_worker_died_and_it_resumes_by_itself(tm
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_resumes_mid_epoch(tmp_path):
-    """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 9, rank 0 writes the position; a relaunch with
-    --resume (what a requeued job does) finishes the run bit-identically to an uninterrupted one."""
+    """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 7, rank 0 writes the position; a relaunch with
+    --resume (what a requeued job does) finishes the run bit-identically to an uninterrupted one. On images with
+    the random recipes (RandAugment + Cutout, Remix) and LAS: each rank's augmentation and mixing draws are restored
+    where they stopped."""
     from ccar.engine.checkpoint import read_checkpoint
 
-    common = [f"data_root={make_csv(tmp_path / 'csv', counts=(96, 32, 16))}", "dataset=csv", *CSV_RUN]
+    root = make_idx_dataset(tmp_path / "digits", n_per_class=(60,) * 10, test_per_class=4)
+    common = ["dataset=mnist-lt", f"data_root={root}", "imbalance=10", "val_fraction=0", "model.width=4", "epochs=2",
+              "loss.name=las", "augment.policy=randaugment", "augment.cutout=3", "mix=remix", "optim.lr=0.05",
+              "optim.batch_size=16", "threads=1", "progress=false"]
     torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
     proc = torchrun(2, common + [f"out={tmp_path / 'stopped'}"], tmp_path, fault="signal:5:SIGTERM:1")
-    assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/9") == 2
+    assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/8") == 2, proc.stderr[-3000:]
     assert read_checkpoint(tmp_path / "stopped" / "checkpoint.safetensors")[1]["partial"]["step"] == 5
     torchrun(2, common + [f"out={tmp_path / 'stopped'}", "--resume"], tmp_path)
     _same_run(tmp_path / "whole", tmp_path / "stopped")

@@ -22,20 +22,29 @@ from .folders import load_image, resize_center_crop
 from .sampling import ClassSampler, EpochSampler, shard
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding ``padding``) and horizontal flip for a whole (B, C, H, W) batch at once."""
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator, rank: int = 0,
+                     world_size: int = 1) -> torch.Tensor:
+    """Random crop (zero padding ``padding``) and horizontal flip for a whole (B, C, H, W) batch at once.
+
+    Under data parallelism (``world_size`` > 1) every rank draws for the whole global batch of ``B * world_size``
+    images (the generators stay in step) and takes its stride of the draws, the rows of the global batch it holds
+    (:func:`~ccar.data.sampling.shard`): each image is augmented as one process would, and ranks never repeat each
+    other's draws."""
     b, _, h, w = images.shape
     device = images.device
+    mine = slice(rank, b * world_size, world_size)
     if padding:
         padded = F.pad(images, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=generator.device).to(device)
+        draws = torch.randint(0, 2 * padding + 1, (2, b * world_size), generator=generator, device=generator.device)
+        offsets = draws[:, mine].to(device)
         rows = (offsets[0, :, None] + torch.arange(h, device=device)).view(b, 1, h, 1)
         cols = (offsets[1, :, None] + torch.arange(w, device=device)).view(b, 1, 1, w)
         # Gather rows, then columns: two index ops for the whole batch instead of a Python loop.
         images = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
         images = images.gather(3, cols.expand(b, padded.shape[1], h, w))
     if flip:
-        mask = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(device).view(b, 1, 1, 1)
+        draws = torch.rand(b * world_size, generator=generator, device=generator.device)
+        mask = (draws[mine] < 0.5).to(device).view(b, 1, 1, 1)
         images = torch.where(mask, images.flip(3), images)
     return images
 
@@ -119,7 +128,8 @@ class DeviceLoader:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment is not None and x.ndim == 4 and (self.augment.crop_padding or self.augment.flip):
-                x = random_crop_flip(x, self.augment.crop_padding, self.augment.flip, self.generator)
+                x = random_crop_flip(x, self.augment.crop_padding, self.augment.flip, self.generator, self.rank,
+                                     self.world_size)
             yield x, self.targets[idx]
 
 

@@ -7,9 +7,13 @@ with parameters drawn per image. ``augment.cutout=S`` (DeVries & Taylor 2017) ze
 centred uniformly and clipped at the border. One-channel images go through the colour operations as three equal
 channels and come back as one, so the policies are grey-safe.
 
+kornia's RandAugment picks its ``n`` operations once per batch (every image of a batch gets the same operations,
+each with its own random parameters and application draw); AutoAugment picks one sub-policy per batch likewise.
+
 Random draws come from torch's generator, which is seeded per epoch and saved in mid-epoch checkpoints: a resumed
 run augments the same way. They run in the training loop on the batch that arrived, for device-resident and
-streamed data alike.
+streamed data alike. Under torchrun every rank draws the parameters of the whole global batch (its generator stays
+in step with the others') and applies its own rows of them: 2 processes augment each image as 1 process does.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ def _kornia_policy(name: str, n: int, m: int):
     return RandAugment(n=n, m=m) if name == "randaugment" else AutoAugment(policy="cifar10")
 
 
-def cutout(images: torch.Tensor, size: int) -> torch.Tensor:
+def cutout(images: torch.Tensor, size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Zero one ``size`` x ``size`` square per image of a float (B, C, H, W) batch, centred uniformly, clipped.
+    Under data parallelism the centres are drawn for the global batch and this rank takes its rows of them.
 
     >>> _ = torch.manual_seed(0)
     >>> out = cutout(torch.ones(2, 1, 6, 6), 2)
@@ -40,13 +45,34 @@ def cutout(images: torch.Tensor, size: int) -> torch.Tensor:
     [True, True]
     """
     b, _, h, w = images.shape
-    cy = torch.randint(h, (b, 1, 1), device=images.device)
-    cx = torch.randint(w, (b, 1, 1), device=images.device)
+    mine = slice(rank, b * world_size, world_size)
+    cy = torch.randint(h, (b * world_size, 1, 1), device=images.device)[mine]
+    cx = torch.randint(w, (b * world_size, 1, 1), device=images.device)[mine]
     rows = torch.arange(h, device=images.device).view(1, h, 1)
     cols = torch.arange(w, device=images.device).view(1, 1, w)
     top, left = cy - size // 2, cx - size // 2
     mask = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return images.masked_fill(mask[:, None], 0.0)
+
+
+def _rows_of(params, mine: slice, total: int, b: int):
+    """kornia's parameters of a batch of ``total`` images (nested ``ParamItem`` lists of dicts of tensors), cut to
+    the rows ``mine`` of them (``b`` images)."""
+    if isinstance(params, list):
+        return [_rows_of(p, mine, total, b) for p in params]
+    if isinstance(params, tuple) and hasattr(params, "_replace"):  # kornia's ParamItem(name, data)
+        return params._replace(data=_rows_of(params.data, mine, total, b))
+    if isinstance(params, dict):
+        out = {}
+        for key, value in params.items():
+            if key == "forward_input_shape":  # the (B, C, H, W) of the input, not one entry per image
+                value = value.clone()
+                value[0] = b
+            elif torch.is_tensor(value) and value.ndim and value.shape[0] == total:
+                value = value[mine]
+            out[key] = value
+        return out
+    return params
 
 
 class BatchPolicy:
@@ -67,17 +93,26 @@ class BatchPolicy:
         return " + ".join(parts + ([f"cutout {self.cutout_size}px"] if self.cutout_size else []))
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """``rank`` of ``world_size`` processes: ``images`` are this rank's rows ``rank::world_size`` of the global
+        batch (:func:`~ccar.data.sampling.shard`); the draws are the global batch's, so any world size augments each
+        image alike."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ConfigError(f"augment.policy and augment.cutout apply to uint8 image batches; this run's batches are "
                               f"{images.dtype} of shape {tuple(images.shape[1:])} (features or a table?)")
         x = images.float().div_(255.0)
         grey = x.shape[1] == 1
         if self.policy is not None:
-            x = self.policy(x.expand(-1, 3, -1, -1) if grey else x)
+            x = x.expand(-1, 3, -1, -1) if grey else x
+            if world_size > 1:
+                b = x.shape[0]
+                drawn = self.policy.forward_parameters(torch.Size((b * world_size, *x.shape[1:])))
+                x = self.policy(x, params=_rows_of(drawn, slice(rank, b * world_size, world_size), b * world_size, b))
+            else:
+                x = self.policy(x)
             x = x.mean(1, keepdim=True) if grey else x
         if self.cutout_size:
-            x = cutout(x, self.cutout_size)
+            x = cutout(x, self.cutout_size, rank, world_size)
         return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x = prepare(policy(x) if policy is not None else x)
+                x = prepare(policy(x, ctx.rank, ctx.world_size) if policy is not None else x)
                 if mixing:  # mix=mixup|cutmix|remix: the partners' labels and the label weight of each sample
                     x, y_j, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, counts_t, cfg.mix_prob, cfg.remix_kappa,
                                             cfg.remix_tau)
