@@ -178,6 +178,8 @@ def test_ncm_retrain_trains_nothing_and_evaluates_like_any_run(first_stage, tmp_
     assert all(torch.equal(parent[k], child[k]) for k in parent if not k.startswith("fc."))
     assert child["fc.weight"].shape == parent["fc.weight"].t().shape  # a cosine head: (features, classes)
     assert metrics["epochs"] == 0 and metrics["top1"] > 20 and "nearest class mean" in metrics["selection"]
+    # a validation score all the same: a sweep tunes NCM's first stage by it (without it, it kept the first candidate)
+    assert 20 < metrics["val_balanced"] <= 100 and 20 < metrics["val_top1"] <= 100
     assert main(["eval", str(out)]) == 0
 
 

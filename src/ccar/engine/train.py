@@ -410,11 +410,17 @@ def finish(cfg, data, model, best_state, history, eval_batches, prepare, device,
         best_epoch = len(history)
     else:
         best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1
+    val = history[best_epoch - 1] if history else {"val_top1": None, "val_balanced": None}
+    if not history and split_size(data.val) > 0:
+        # method=ncm trains no epoch; its validation score is what a sweep tunes the first stage by
+        scores = evaluate_split(model, eval_batches(data.val), prepare, device, data.class_counts, ctx, dtype,
+                                cfg.posthoc_tau, eval_logit_scale(cfg), shifts=False)
+        val = {"val_top1": scores["top1"], "val_balanced": scores["balanced"]}
     metrics = {
         **{k: results["best"][k] for k in ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece",
                                            "test_agnostic", "test_agnostic_oracle", "confusion_groups")},
-        "val_top1": history[best_epoch - 1]["val_top1"] if history else None,
-        "val_balanced": history[best_epoch - 1]["val_balanced"] if history else None,
+        "val_top1": val["val_top1"],
+        "val_balanced": val["val_balanced"],
         "best_epoch": best_epoch,
         "epochs": len(history),
         "seconds": history[-1]["seconds"] if history else 0.0,
