@@ -306,7 +306,9 @@ def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]],
         tag = _tag(setting)
         body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference, last_epoch), ""]
         if len(deltas) > 2:
-            body += [f"CCAR against its base, test {label} paired by seed:", "", *deltas, ""]
+            what = ("CCAR against its base" if all(m.startswith("CCAR") for m in cfg.get("baselines") or {})
+                    else "Each method against its base")
+            body += [f"{what}, test {label} paired by seed:", "", *deltas, ""]
         names = [m for m in order if m in methods]
         bar = _bar_figure(folder / f"groups_{tag}.png", names,
                           {f"{g} third": [[r["metrics"]["groups"][g] for r in methods[n]] for n in names]
