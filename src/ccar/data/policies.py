@@ -3,7 +3,7 @@ and Cutout, after the crop and flip of the loaders.
 
 ``augment.policy=randaugment augment.n=2 augment.m=10`` (Cubuk et al. 2020) and ``augment.policy=autoaugment``
 (Cubuk et al. 2019, the CIFAR-10 policy) are kornia's batched implementations (``pip install 'ccar[augment]'``),
-with parameters drawn per image. ``augment.cutout=S`` (DeVries & Taylor 2017) zeroes one S x S square per image,
+with their parameters drawn per image (the operations per batch, below). ``augment.cutout=S`` (DeVries & Taylor 2017) zeroes one S x S square per image,
 centred uniformly and clipped at the border. One-channel images go through the colour operations as three equal
 channels and come back as one, so the policies are grey-safe.
 
