@@ -91,8 +91,8 @@ def test_augmented_images_under_two_processes_match_one_at_the_same_global_batch
     from ccar.engine.train import train
 
     root = make_idx_dataset(tmp_path / "digits", n_per_class=(24,) * 10, test_per_class=4)  # 240 rows: 15 x 16
-    common = ["dataset=mnist-lt", "imbalance=1", f"data_root={root}", "val_fraction=0", "model.width=4", "epochs=2", "sync_bn=true",
-              "augment.policy=randaugment", "augment.cutout=3", "loss.name=ccar", "loss.base=la", "optim.lr=0.05",
+    common = ["dataset=mnist-lt", "imbalance=1", f"data_root={root}", "val_fraction=0", "model.width=4", "epochs=2",
+              "sync_bn=true", "augment.policy=randaugment", "augment.cutout=3", "loss.name=ccar", "loss.base=la", "optim.lr=0.05",
               "threads=1", "progress=false"]
     train(load_config(None, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"]), log=lambda *_: None)
     torchrun(2, common + ["optim.batch_size=8", f"out={tmp_path / 'two'}"], tmp_path)
@@ -159,7 +159,7 @@ def test_torchrun_restarts_a_group_whose_worker_died_and_it_resumes_by_itself(tm
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_resumes_mid_epoch(tmp_path):
-    """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 7, rank 0 writes the position; a relaunch with
+    """SIGTERM reaches rank 1 only: both ranks stop after step 5 of 8, rank 0 writes the position; a relaunch with
     --resume (what a requeued job does) finishes the run bit-identically to an uninterrupted one. On images with
     the random recipes (RandAugment + Cutout, Remix) and LAS: each rank's augmentation and mixing draws are restored
     where they stopped."""
@@ -171,7 +171,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_relaunch_
               "optim.batch_size=16", "threads=1", "progress=false"]
     torchrun(2, common + [f"out={tmp_path / 'whole'}"], tmp_path)
     proc = torchrun(2, common + [f"out={tmp_path / 'stopped'}"], tmp_path, fault="signal:5:SIGTERM:1")
-    assert proc.returncode != 0 and proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/8") == 2, proc.stderr[-3000:]
+    stopped = proc.stderr.count("stopped by SIGTERM at epoch 1, step 5/8")
+    assert proc.returncode != 0 and stopped == 2, proc.stderr[-3000:]
     assert read_checkpoint(tmp_path / "stopped" / "checkpoint.safetensors")[1]["partial"]["step"] == 5
     torchrun(2, common + [f"out={tmp_path / 'stopped'}", "--resume"], tmp_path)
     _same_run(tmp_path / "whole", tmp_path / "stopped")
@@ -190,12 +191,13 @@ def test_a_multi_gpu_sweep_cell_runs_both_stages_under_torchrun_like_one_process
         spec = {"base": {**base, "optim": {"lr": 0.05, "batch_size": batch}}, "seeds": [0],
                 "methods": {f"CE+{m}": {"loss.name": "ce", "stage2": {"method": m, **({} if m == "ncm" else {"epochs": 2})}}
                             for m in ("crt", "las", "ncm")}}
-        cells = expand(spec)  # cRT trains the first stage; MiSLAS's LAS stage and NCM re-use it (cell.shares)
-        first = str(tmp_path / f"x{nproc}" / "CE+crt")
-        rows[nproc] = {c.method: _run_cell(c, str(tmp_path / f"x{nproc}" / c.method), 1, None if i == 0 else first, nproc=nproc)
-                       for i, c in enumerate(cells)}
+        cells = expand(spec)  # CE+crt trains the first stage; the LAS and NCM cells re-use it (cell.shares)
+        folder = tmp_path / f"x{nproc}"
+        rows[nproc] = {c.method: _run_cell(c, str(folder / c.method), 1, None if i == 0 else str(folder / "CE+crt"),
+                                           nproc=nproc) for i, c in enumerate(cells)}
         assert [c.shares for c in cells] == [None, cells[0].key, cells[0].key]
-    assert (tmp_path / "x2" / "CE+crt.launch.yaml").exists() and (tmp_path / "x2" / "CE+las-las" / "metrics.json").exists()
+    assert (tmp_path / "x2" / "CE+crt.launch.yaml").exists()
+    assert (tmp_path / "x2" / "CE+las-las" / "metrics.json").exists()
     for method in ("CE+crt", "CE+las", "CE+ncm"):
         one, two = rows[1][method], rows[2][method]
         assert one["stage1_top1"] == two["stage1_top1"], method

@@ -3,8 +3,8 @@ and Cutout, after the crop and flip of the loaders.
 
 ``augment.policy=randaugment augment.n=2 augment.m=10`` (Cubuk et al. 2020) and ``augment.policy=autoaugment``
 (Cubuk et al. 2019, the CIFAR-10 policy) are kornia's batched implementations (``pip install 'ccar[augment]'``),
-with their parameters drawn per image (the operations per batch, below). ``augment.cutout=S`` (DeVries & Taylor 2017) zeroes one S x S square per image,
-centred uniformly and clipped at the border. One-channel images go through the colour operations as three equal
+with their parameters drawn per image (the operations per batch, below). ``augment.cutout=S`` (DeVries & Taylor
+2017) zeroes one S x S square per image, centred uniformly and clipped at the border. One-channel images go through the colour operations as three equal
 channels and come back as one, so the policies are grey-safe.
 
 kornia's RandAugment picks its ``n`` operations once per batch (every image of a batch gets the same operations,
@@ -55,19 +55,19 @@ def cutout(images: torch.Tensor, size: int, rank: int = 0, world_size: int = 1) 
     return images.masked_fill(mask[:, None], 0.0)
 
 
-def _rows_of(params, mine: slice, total: int, b: int):
+def _rows_of(params, mine: slice, total: int):
     """kornia's parameters of a batch of ``total`` images (nested ``ParamItem`` lists of dicts of tensors), cut to
-    the rows ``mine`` of them (``b`` images)."""
+    the rows ``mine`` of them."""
     if isinstance(params, list):
-        return [_rows_of(p, mine, total, b) for p in params]
+        return [_rows_of(p, mine, total) for p in params]
     if isinstance(params, tuple) and hasattr(params, "_replace"):  # kornia's ParamItem(name, data)
-        return params._replace(data=_rows_of(params.data, mine, total, b))
+        return params._replace(data=_rows_of(params.data, mine, total))
     if isinstance(params, dict):
         out = {}
         for key, value in params.items():
             if key == "forward_input_shape":  # the (B, C, H, W) of the input, not one entry per image
                 value = value.clone()
-                value[0] = b
+                value[0] = len(range(total)[mine])
             elif torch.is_tensor(value) and value.ndim and value.shape[0] == total:
                 value = value[mine]
             out[key] = value
@@ -107,7 +107,7 @@ class BatchPolicy:
             if world_size > 1:
                 b = x.shape[0]
                 drawn = self.policy.forward_parameters(torch.Size((b * world_size, *x.shape[1:])))
-                x = self.policy(x, params=_rows_of(drawn, slice(rank, b * world_size, world_size), b * world_size, b))
+                x = self.policy(x, params=_rows_of(drawn, slice(rank, b * world_size, world_size), b * world_size))
             else:
                 x = self.policy(x)
             x = x.mean(1, keepdim=True) if grey else x

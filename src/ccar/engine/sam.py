@@ -83,7 +83,8 @@ class SAM:
         present = [s for s in scaled if s is not None]
         if not present:
             return [None] * len(self.params)
-        factor = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in present])) + 1e-12)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in present]))
+        factor = self.rho / (norm + 1e-12)
         return [None if s is None else ((s if t is None else s * t) * factor).to(p.dtype)
                 for p, s, t in zip(self.params, scaled, scales)]
 
