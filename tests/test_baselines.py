@@ -157,13 +157,16 @@ def test_ncm_predicts_the_class_of_the_nearest_normalised_mean_by_hand():
     and the class of a query point by cosine similarity."""
     from ccar.engine.decoupling import set_class_means
     from ccar.engine.distributed import DistContext
+    from ccar.engine.run import Run
+    from ccar.engine.runtime import Precision
     from ccar.models import NormedLinear
 
     model = nn.Sequential()
     model.fc = NormedLinear(2, 2)
     x = torch.tensor([[3.0, 0.0], [4.0, 3.0], [0.0, 2.0], [-1.0, 0.0]])
     y = torch.tensor([0, 0, 1, 1])
-    means = set_class_means(model, [(x, y)], lambda v: v, torch.device("cpu"), None, DistContext(0, 1, 0))
+    run = Run(None, None, model, torch.device("cpu"), Precision(None, "test"), DistContext(0, 1, 0), None, lambda v: v)
+    means = set_class_means(run, [(x, y)])
     # class 0: ([1, 0] + [0.8, 0.6]) / 2 = [0.9, 0.3]; class 1: ([0, 1] + [-1, 0]) / 2 = [-0.5, 0.5]
     assert torch.allclose(means, torch.tensor([[0.9, 0.3], [-0.5, 0.5]]))
     query = torch.tensor([[0.1, 1.0]])  # cos to [0.9, 0.3]: 0.409; to [-0.5, 0.5]: 0.633 -> class 1
@@ -243,29 +246,21 @@ def test_tau_norm_zero_is_the_identity_and_auto_never_reads_test(first_stage, di
 
 
 def test_tau_norm_auto_runs_the_backbone_once_and_scores_as_full_passes(first_stage):
-    from ccar.data import normalize
-    from ccar.engine import checkpoint as ckpt
+    from ccar.engine.build import load_run
     from ccar.engine.decoupling import TAU_GRID, TauNorm
-    from ccar.engine.distributed import DistContext
-    from ccar.engine.scoring import eval_logit_scale, evaluate_split, tau_scorer
-    from ccar.engine.setup import dataset_from_config, make_loaders, model_from_config
+    from ccar.engine.scoring import evaluate_split, tau_scorer
 
     cfg = load_config(str(first_stage / "config.yaml"), ["tau_norm=auto"])
-    data, device, ctx = dataset_from_config(cfg), torch.device("cpu"), DistContext()
-    model = model_from_config(cfg, data)
-    model.load_state_dict(ckpt.load_weights(first_stage / "best.safetensors"))
-    _, eval_batches = make_loaders(data, cfg, device, ctx)
-    prepare = lambda x: normalize(x, data.augment)  # noqa: E731
+    run = load_run(cfg, first_stage / "best.safetensors")
     calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
-    score = tau_scorer(cfg, data, model, eval_batches, prepare, device, ctx, None)
+    run.model.register_forward_hook(lambda *_: calls.append(1))
+    score = tau_scorer(run)
     one_pass = len(calls)
     got = {tau: score(tau) for tau in TAU_GRID}
     assert one_pass >= 1 and len(calls) == one_pass  # 21 taus scored without running the model again
     for tau in TAU_GRID:  # the same numbers as a whole forward pass per tau, to the bit
-        with TauNorm(model, tau):
-            want = evaluate_split(model, eval_batches(data.val), prepare, device, data.class_counts, ctx, None,
-                                  cfg.posthoc_tau, eval_logit_scale(cfg))["balanced"]
+        with TauNorm(run.model, tau):
+            want = evaluate_split(run, run.data.val, shifts=False)["balanced"]
         assert got[tau] == want
 
 

@@ -154,7 +154,7 @@ def test_string_keys_take_yaml11_words_as_text(word, tmp_path):
 def test_amp_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     import torch
 
-    from ccar.engine.setup import amp_dtype, native_bf16_cpu
+    from ccar.engine.runtime import amp_dtype, native_bf16_cpu
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("CCAR_NATIVE_BF16", "1")
@@ -294,8 +294,12 @@ def test_rerunning_without_out_gets_a_fresh_folder(digits, tmp_path, monkeypatch
 
 def test_ldam_is_evaluated_in_its_training_scale():
     # LDAM trains on 30 * cosine: test probabilities must come from the scaled logits, or ECE is meaningless.
+    from types import SimpleNamespace
+
     from ccar.data import DeviceLoader
     from ccar.engine.distributed import DistContext
+    from ccar.engine.run import Run
+    from ccar.engine.runtime import Precision
     from ccar.engine.scoring import eval_logit_scale, evaluate_split
 
     assert eval_logit_scale(load_config(None, ["loss.name=ldam"])) == 30.0
@@ -307,9 +311,14 @@ def test_ldam_is_evaluated_in_its_training_scale():
             return torch.nn.functional.one_hot(x[:, 0].long(), 2).float() * 1.1 - 0.2
 
     x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([0, 1])
-    run = lambda scale: evaluate_split(Cosine(), DeviceLoader(x, y, 2, shuffle=False), lambda t: t, torch.device("cpu"),
-                                       [10, 5], DistContext(), logit_scale=scale)  # noqa: E731
-    raw, scaled = run(1.0), run(30.0)
+
+    def scores(loss):  # the run of a model trained with `loss`, scored on (x, y)
+        run = Run(load_config(None, [f"loss.name={loss}"]), SimpleNamespace(class_counts=[10, 5]), Cosine(),
+                  torch.device("cpu"), Precision(None, "test"), DistContext(),
+                  lambda split: DeviceLoader(*split, 2, shuffle=False), lambda t: t)
+        return evaluate_split(run, (x, y))
+
+    raw, scaled = scores("la"), scores("ldam")
     assert raw["top1"] == scaled["top1"] == 100.0
     assert raw["ece"] > 20 and scaled["ece"] < 1e-6
 

@@ -166,7 +166,7 @@ def test_image_size_auto_keeps_native_grey_digits_and_does_not_flip_them(tmp_pat
     per_class = [100.0 * np.mean([r["top1"] == f"d{c}" for r in rows if f"/test/d{c}/" in r["input"]])
                  for c in range(3)]
     assert per_class == pytest.approx(metrics["per_class"])  # grey, 1 channel, the run's own normalisation
-    from ccar.engine.setup import dataset_from_config
+    from ccar.engine.build import dataset_from_config
 
     assert dataset_from_config(load_config(None, ["dataset=folder", f"data_root={root}", "augment.flip=true",
                                                   "progress=false"])).augment.flip
@@ -181,7 +181,7 @@ def test_image_size_auto_for_photos_of_mixed_sizes(tmp_path):
     assert data.input_shape[0] == 3 and data.augment.flip  # colour: taken as photos
     assert data.image_size == 100 and "median shorter side 100 px" in data.note  # train split's median shorter side
     assert build_dataset("folder", str(root), image_size=40, progress=False).image_size == 40  # explicit wins
-    from ccar.engine.setup import auto_model
+    from ccar.engine.build import auto_model
 
     name, why = auto_model(data.input_shape)
     assert name == "resnet32" and "pretrained backbone" in why

@@ -64,7 +64,7 @@ def test_finetune_modes_train_only_what_they_say(photos, tiny_vit, tmp_path, mod
         assert fc < set(saved) and all(k in fc or k.endswith(".bias") for k in saved)
     else:
         assert fc < set(saved) and all(k in fc or "lora_" in k for k in saved)
-    from ccar.engine.setup import dataset_from_config, model_from_config
+    from ccar.engine.build import dataset_from_config, model_from_config
 
     cfg = load_config(str(out / "config.yaml"))
     model = model_from_config(cfg, dataset_from_config(cfg))
@@ -112,7 +112,7 @@ def test_pretrained_run_resumes_bit_identically_and_predicts_like_eval(photos, t
 
 
 def test_optimizer_gives_the_backbone_its_own_rate(photos, tiny_vit, tmp_path):
-    from ccar.engine.setup import dataset_from_config, model_from_config
+    from ccar.engine.build import dataset_from_config, model_from_config
     from ccar.engine.train import build_optimizer
 
     cfg = load_config(None, run_args(photos, tiny_vit, tmp_path / "x", "optim.backbone_lr=0.001", "optim.lr=0.1"))
@@ -139,7 +139,7 @@ def test_model_weights_start_from_a_ccar_run_with_a_new_classifier(tmp_path):
     train(load_config(None, ["dataset=folder", f"data_root={digits}", "model.name=cnn", "model.width=4", "epochs=1",
                              f"out={three}", *FAST]), log=lambda *_: None)
     two = make_digit_folder(tmp_path / "two", counts=(8, 4))
-    from ccar.engine.setup import dataset_from_config, model_from_config
+    from ccar.engine.build import dataset_from_config, model_from_config
 
     cfg = load_config(None, ["dataset=folder", f"data_root={two}", "model.name=cnn", "model.width=4",
                              f"model.weights={three / 'best.safetensors'}", "progress=false"])
@@ -235,7 +235,7 @@ def tiny_clip(folder):
 
 
 def test_a_text_initialised_head_starts_as_the_zero_shot_classifier(photos, tiny_vit, tmp_path):
-    from ccar.engine.setup import dataset_from_config, init_head_from_text, model_from_config
+    from ccar.engine.build import dataset_from_config, init_head_from_text, model_from_config
 
     clip = tiny_clip(tmp_path / "clip")
     cfg = load_config(None, run_args(photos, clip, tmp_path / "r", "head.init=text", "head.prompt=a {} here."))
@@ -315,7 +315,7 @@ def test_timm_pretrained_weights_from_a_local_file(photos, tmp_path, fake_timm, 
     metrics = train(load_config(None, args + [f"out={tmp_path / 'run'}"]), log=lambda *_: None)
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["image_size"] == 16 and data["mean"] == [0.5, 0.5, 0.5] and data["std"] == [0.25, 0.25, 0.25]
-    from ccar.engine.setup import dataset_from_config, model_from_config
+    from ccar.engine.build import dataset_from_config, model_from_config
 
     cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     model = model_from_config(cfg, dataset_from_config(cfg))

@@ -19,7 +19,7 @@ from ccar import DataError, TrainingError
 from ccar.cli import main
 from ccar.engine import checkpoint as ckpt
 from ccar.engine.config import TrainConfig, load_config
-from ccar.engine.setup import make_loaders
+from ccar.engine.build import make_loaders
 from ccar.engine.train import train
 from conftest import FUZZ_COUNTS, make_idx_dataset
 

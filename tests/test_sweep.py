@@ -56,9 +56,9 @@ def test_expand_grid_and_studies(tmp_path, digits):
 
 def test_sweep_runs_resumes_and_reports(tmp_path, digits, monkeypatch):
     path = sweep_file(tmp_path, digits)
-    import ccar.sweep as sweep_mod
+    import ccar.sweep.cell as sweep_mod
 
-    real, calls = sweep_mod._run_cell, []
+    real, calls = sweep_mod.run_cell, []
 
     def die_on_third(cell, *args):
         calls.append(cell.key)
@@ -66,12 +66,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path, digits, monkeypatch):
             raise KeyboardInterrupt
         return real(cell, *args)
 
-    monkeypatch.setattr(sweep_mod, "_run_cell", die_on_third)
+    monkeypatch.setattr(sweep_mod, "run_cell", die_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(str(path), log=lambda *_: None)
     results = tmp_path / "sweep" / "results.jsonl"
     assert len(read_results(results)) == 2
-    monkeypatch.setattr(sweep_mod, "_run_cell", real)
+    monkeypatch.setattr(sweep_mod, "run_cell", real)
     report = run_sweep(str(path), log=lambda *_: None)
     rows = read_results(results)
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4  # finished cells were not run twice

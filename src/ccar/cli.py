@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from .engine.config import load_config
+    from .config import load_config
     from .engine.train import train
 
     from .engine.distributed import shutdown
@@ -141,7 +141,7 @@ def _cmd_sweep(args) -> int:
     given = {k: v for k, v in slurm_args.items() if v is not None}
     slurm = None
     if args.launcher == "slurm":
-        from .slurm import SlurmOptions, parse_sbatch
+        from .sweep.slurm import SlurmOptions, parse_sbatch
 
         slurm = SlurmOptions(**given, sbatch=parse_sbatch(args.sbatch))
     elif given or args.sbatch:

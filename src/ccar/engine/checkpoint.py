@@ -1,4 +1,4 @@
-"""Checkpoints as one safetensors file, written atomically (temp file, fsync, rename).
+"""Checkpoints as one safetensors file, written atomically (temp file, fsync, rename): pure file I/O.
 
 The file holds the model, the best-on-validation model, the optimizer state and a JSON header (epoch, history,
 best metric, config). Nothing is ever unpickled on load: safetensors stores raw tensors and strings only, so a
@@ -101,14 +101,10 @@ def split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_into(model, optimizer, tensors, opt_meta, finetune: str = "full") -> Optional[Dict[str, torch.Tensor]]:
-    """Restore model and optimizer; returns the best-model state (or None)."""
-    from .finetune import load_trained
-
-    load_trained(model, split_prefix(tensors, "model."), finetune, "the checkpoint's weights")
+def restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], opt_meta: Dict[str, Any]) -> None:
+    """The optimizer's state as a checkpoint holds it (``tensors`` and the optimizer meta of
+    :func:`read_checkpoint`)."""
     _restore_optimizer(optimizer, tensors, opt_meta)
-    best = split_prefix(tensors, "best.")
-    return best or None
 
 
 def save_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:

@@ -23,66 +23,20 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..config.schema import RETRAIN_METHODS  # noqa: F401  (`ccar retrain RUN method=...`)
 from ..errors import ConfigError
+from ..models.heads import NormedLinear, classifier, classifier_inputs, classifier_name, linear_classifier
+from .distributed import gather_in_order
+from .finetune import load_trained
+from .inference import predict
+from .run import Run
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
-RETRAIN_METHODS = ("crt", "lws", "ft", "las", "ncm")  # `ccar retrain RUN method=...`
-
-
-class LearnableWeightScaling(nn.Module):
-    """LWS: ``classifier(x) * scale`` with one learnable scale per class (initialised to 1)."""
-
-    def __init__(self, classifier: nn.Module, num_classes: int):
-        super().__init__()
-        self.classifier = classifier
-        self.scale = nn.Parameter(torch.ones(num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x) * self.scale
-
-
-def classifier_name(model: nn.Module) -> str:
-    """The attribute holding the final classifier (ccar's models and torchvision: ``fc``; timm: its own name)."""
-    if hasattr(model, "fc") and isinstance(model.fc, nn.Module):
-        return "fc"
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        for name, module in model.named_modules():
-            if module is head and name:
-                return name
-    raise ConfigError(f"cannot find the classifier of {type(model).__name__} (expected an `fc` layer)")
-
-
-def classifier(model: nn.Module) -> nn.Module:
-    return model.get_submodule(classifier_name(model))
-
-
-def linear_classifier(model: nn.Module, what: str) -> nn.Linear:
-    """The model's classifier as an ``nn.Linear`` (inside an LWS wrapper too); other heads are an error."""
-    head = classifier(model)
-    if isinstance(head, LearnableWeightScaling):
-        head = head.classifier
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(f"{what} needs a linear classifier; this model's is {type(head).__name__} "
-                          f"(a cosine head already has unit-norm rows)")
-    return head
-
-
-def wrap_lws(model: nn.Module, num_classes: int) -> nn.Module:
-    """Replace the classifier by :class:`LearnableWeightScaling` around it (the model of an LWS run)."""
-    name = classifier_name(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, LearnableWeightScaling(getattr(parent, attr), num_classes))
-    return model
 
 
 def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch.Tensor], mode: str = "full") -> List[str]:
     """Load the first stage's weights (a run fine-tuned in ``mode``: what it trained), freeze all but what
     ``method`` trains; returns the trainable names."""
-    from .finetune import load_trained
-
     head_name = classifier_name(model)
     state = dict(parent_state)
     if method == "ncm":  # the parent's classifier (of its own kind) is replaced; set_class_means fills the new one
@@ -109,23 +63,21 @@ def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch
 
 
 @torch.no_grad()
-def set_class_means(model: nn.Module, batches, prepare, device, dtype, ctx) -> torch.Tensor:
-    """NCM: the model's cosine classifier set to the mean L2-normalised feature of each class over ``batches`` (the
-    training split, without augmentation; under torchrun gathered from every rank). Returns the means (C, D)."""
-    from ..models import NormedLinear
-    from .evaluate import predict
-    from .scoring import gather_in_order
-
-    head = classifier(model)
+def set_class_means(run: Run, batches=None) -> torch.Tensor:
+    """NCM: the model's cosine classifier set to the mean L2-normalised feature of each class over ``batches`` (by
+    default the training split, without augmentation; under torchrun gathered from every rank). Returns the means
+    (C, D)."""
+    head = classifier(run.model)
     if not isinstance(head, NormedLinear):
         raise ConfigError("method=ncm needs the cosine head `ccar retrain` builds for it")
+    batches = run.eval_batches(run.data.train) if batches is None else batches
     features: List[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach().float().cpu()))
+    hook = classifier_inputs(run.model, features, to_float=True)
     try:
-        _, targets = predict(model, batches, prepare, device, dtype)
+        _, targets = predict(run, batches)
     finally:
         hook.remove()
-    feats, targets = gather_in_order(ctx, torch.cat(features).to(device), targets.to(device), batches)
+    feats, targets = gather_in_order(run.dist, torch.cat(features).to(run.device), targets.to(run.device), batches)
     feats = nn.functional.normalize(feats.float(), dim=1)
     num_classes = head.weight.shape[1]
     sums = torch.zeros(num_classes, feats.shape[1], device=feats.device).index_add_(0, targets, feats)
@@ -135,13 +87,6 @@ def set_class_means(model: nn.Module, batches, prepare, device, dtype, ctx) -> t
     means = sums / seen[:, None]
     head.weight.copy_(means.t().to(head.weight.dtype))  # NormedLinear: (in, out); it normalises the columns itself
     return means
-
-
-def freeze_batchnorm(model: nn.Module) -> None:
-    """Keep every BatchNorm layer in evaluation mode (its running statistics unchanged) while the rest trains."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 @torch.no_grad()

@@ -48,6 +48,18 @@ class DistContext:
         return box[0]
 
 
+def gather_in_order(ctx: DistContext, values: torch.Tensor, targets: torch.Tensor, batches):
+    """Every rank's rows of a split (``batches``: its evaluation loader) gathered back into the split's order."""
+    if not ctx.enabled:
+        return values, targets
+    n = len(batches.targets) if hasattr(batches, "targets") else len(batches.dataset)
+    values, targets = ctx.all_gather_cat(values), ctx.all_gather_cat(targets)
+    # DeviceLoader/DistributedSampler stride the (padded) order over ranks: undo the interleaving, drop padding.
+    per = len(values) // ctx.world_size
+    order = torch.arange(per * ctx.world_size, device=values.device).view(ctx.world_size, per).t().reshape(-1)
+    return values[order][:n], targets[order][:n]
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -23,10 +23,14 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..config import TrainConfig, to_dict
 from ..data import Augment, LongTailData
-from .config import TrainConfig, to_dict
-from .decoupling import classifier
-from .distributed import DistContext
+from ..models.heads import classifier, classifier_inputs
+from .checkpoint import atomic_write
+from .distributed import gather_in_order
+from .inference import predict
+from .run import Run, split_size
+from .runtime import progress
 
 # The config keys that decide the features (everything else -- loss, optimiser, epochs, sampler -- only the head).
 FEATURE_KEYS = ("dataset", "data_root", "imbalance", "n_max", "profile", "classes", "val_fraction", "seed", "image_size",
@@ -65,28 +69,16 @@ def cache_key(cfg: TrainConfig) -> str:
 
 
 @torch.no_grad()
-def extract(model: nn.Module, batches, prepare, device, dtype, ctx: DistContext, bar=None
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract(run: Run, batches, bar=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(classifier inputs as float32, targets) of a whole split, in the split's order; under data parallelism each
     rank runs its shard and the shards are gathered."""
-    from .scoring import gather_in_order
-
-    model.eval()
-    captured = []
-    hook = classifier(model).register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].float()))
-    ys = []
+    captured: list = []
+    hook = classifier_inputs(run.model, captured, to_float=True)
     try:
-        for x, y in batches:
-            x = prepare(x.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                model(x)
-            ys.append(y.to(device))
-            if bar is not None:
-                bar.update(len(y))
+        _, targets = predict(run, batches, bar)
     finally:
         hook.remove()
-    feats, targets = torch.cat(captured), torch.cat(ys)
-    return gather_in_order(ctx, feats, targets, batches)
+    return gather_in_order(run.dist, torch.cat(captured), targets.to(run.device), batches)
 
 
 def _read(path: Path) -> Optional[Dict[str, torch.Tensor]]:
@@ -114,40 +106,30 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
     """Atomic (a concurrent reader sees all or nothing; a crash leaves no half file under the cache's name)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
-def cached_features(cfg: TrainConfig, data: LongTailData, model: nn.Module, eval_batches, prepare, device, dtype,
-                    ctx: DistContext, log=print) -> LongTailData:
-    """``data`` with every split replaced by the frozen backbone's features (computed, or read from
-    ``feature_cache``)."""
-    from .scoring import split_size
-    from .train import _progress
-
-    splits = ("train", "val", "test")
+def cached_features(run: Run) -> Run:
+    """``run`` with every split of its data replaced by the frozen backbone's features (computed, or read from
+    ``feature_cache``), and its model's ``forward`` its classifier (:func:`head_only`)."""
+    cfg, data, splits = run.cfg, run.data, ("train", "val", "test")
     path = Path(cfg.feature_cache) / f"{cache_key(cfg)}.safetensors" if cfg.feature_cache else None
     tensors = _read(path) if path is not None else None
     if tensors is not None and not _matches(tensors, data, splits):  # the files changed under the same settings
         tensors = None
-    if not ctx.broadcast_object(tensors is not None):  # every rank computes (the ranks gather) or every rank reads
+    if not run.dist.broadcast_object(tensors is not None):  # every rank computes (the ranks gather) or every rank reads
         tensors = None
     t0 = time.perf_counter()
     if tensors is None:
-        total = sum(split_size(getattr(data, s)) for s in splits)
-        bar = _progress(total, cfg.progress and ctx.is_main)
-        bar.set_description("backbone features")
-        bar.unit = "img"
+        bar = progress(sum(split_size(getattr(data, s)) for s in splits), cfg.progress and run.dist.is_main,
+                       "backbone features", unit="img")
         tensors = {}
         for s in splits:
-            split = getattr(data, s)
-            if split_size(split):
-                tensors[f"{s}_x"], tensors[f"{s}_y"] = extract(model, eval_batches(split), prepare, device, dtype,
-                                                               ctx, bar)
+            if split_size(getattr(data, s)):
+                tensors[f"{s}_x"], tensors[f"{s}_y"] = extract(run, run.eval_batches(getattr(data, s)), bar)
         bar.close()
-        if path is not None and ctx.is_main:
+        if path is not None and run.dist.is_main:
             _write(path, {k: v.cpu() for k, v in tensors.items()})
         how = f"{time.perf_counter() - t0:.1f} s" + (f", cached in {path}" if path is not None else "")
     else:
@@ -155,11 +137,12 @@ def cached_features(cfg: TrainConfig, data: LongTailData, model: nn.Module, eval
     width = tensors["train_x"].shape[1]
     empty = (torch.zeros(0, width), torch.zeros(0, dtype=torch.long))
     parts = {s: (tensors[f"{s}_x"].cpu(), tensors[f"{s}_y"].cpu()) if f"{s}_x" in tensors else empty for s in splits}
-    if ctx.is_main:
-        log(f"features: the frozen backbone ran once over train/val/test ({width} features per image; {how}); "
-            f"the classifier trains on them, without training-time augmentation (cache_features=false keeps it)")
-    return dataclasses.replace(data, **parts, augment=Augment(mean=(0.0,), std=(1.0,)), input_shape=(width,),
-                               kind="features", note=data.note + "; classifier trained on cached backbone features")
+    if run.dist.is_main:
+        run.log(f"features: the frozen backbone ran once over train/val/test ({width} features per image; {how}); "
+                f"the classifier trains on them, without training-time augmentation (cache_features=false keeps it)")
+    features = dataclasses.replace(data, **parts, augment=Augment(mean=(0.0,), std=(1.0,)), input_shape=(width,),
+                                   kind="features", note=data.note + "; classifier trained on cached backbone features")
+    return dataclasses.replace(run, data=features, model=head_only(run.model), prepare=lambda x: x)
 
 
 def head_only(model: nn.Module) -> nn.Module:

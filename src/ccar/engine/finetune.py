@@ -6,7 +6,8 @@
 - ``lora``: the classifier and low-rank adapters on the backbone's layers (Hu et al. 2022, through ``peft``).
 
 In every mode but ``full`` the backbone's BatchNorm statistics stay frozen (under ``linear`` the whole backbone runs in
-evaluation mode: :func:`set_train_modes`), and a run's weight files hold only what it trained (plus the classifier): the base weights are named by its config (``model.weights`` or ``model.name``).
+evaluation mode: :func:`set_train_modes`), and a run's weight files hold only what it trained (plus the classifier):
+the base weights are named by its config (``model.weights`` or ``model.name``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .decoupling import classifier_name, freeze_batchnorm
-
-FINETUNE_MODES = ("full", "linear", "bias", "lora")
+from ..config.schema import FINETUNE_MODES
+from ..models.heads import classifier_name, freeze_batchnorm
+from . import checkpoint as ckpt
 
 
 def set_train_modes(model: nn.Module, mode: str) -> None:
@@ -93,8 +94,6 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     """Initialise ``model`` from a weight file (``model.weights=FILE.safetensors``, a ccar run's
     ``best.safetensors`` included): every tensor must fit, except the classifier, which is re-initialised when its
     shape differs (another class count)."""
-    from . import checkpoint as ckpt
-
     state = ckpt.load_weights(path)
     own = model.state_dict()
     head = classifier_name(model) + "."

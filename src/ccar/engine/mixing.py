@@ -24,9 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..config.schema import MIX_MODES  # noqa: F401
 from ..errors import ConfigError
-
-MIX_MODES = ("none", "mixup", "cutmix", "remix")
 
 
 def remix_lambda(lam: torch.Tensor, counts: torch.Tensor, y_i: torch.Tensor, y_j: torch.Tensor,

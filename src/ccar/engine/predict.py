@@ -19,16 +19,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..data import Augment, normalize
+from ..config import load_config
+from ..data import Augment, ImageFileDataset, ImageFiles, normalize
 from ..data.folders import IMAGE_EXTENSIONS, decode_image
+from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
 from ..errors import ConfigError, DataError
 from ..losses import posthoc_logit_adjustment
 from . import checkpoint as ckpt
-from .finetune import load_trained
-from .config import load_config
+from .build import DATA_FILE, data_description, dataset_from_config, load_run, model_from_config
 from .decoupling import TauNorm, resolve_tau_norm
-from .setup import (DATA_FILE, amp_dtype, data_description, dataset_from_config, make_loaders, model_from_config,
-                    resolve_device)
+from .finetune import load_trained
+from .runtime import resolve_device, resolve_precision
+from .scoring import chosen_tau, eval_logit_scale
 
 class _Described:
     """A stand-in for :class:`LongTailData` built from ``data.json`` (what the model and normalisation need)."""
@@ -57,8 +59,6 @@ def _image_paths(inputs: Sequence[str]) -> List[Path]:
 
 
 def _tabular_inputs(inputs: Sequence[str], run_dir: Path, desc) -> Tuple[List[str], np.ndarray]:
-    from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
-
     names, blocks = [], []
     prep = None
     if desc.name == "csv":  # the run's fitted preprocessing, read once for every input file
@@ -92,8 +92,6 @@ def _batches(desc, inputs: Sequence[str], run_dir: Path, batch_size: int = 256):
         return names, (tensor[i : i + batch_size] for i in range(0, len(tensor), batch_size))
     paths = _image_paths(inputs)
     if desc.kind == "files":  # the file loader's evaluation transform (resize 256/224, centre crop)
-        from ..data import ImageFileDataset, ImageFiles
-
         dataset = ImageFileDataset(ImageFiles(paths, np.zeros(len(paths), np.int64)), train=False, size=desc.image_size)
         return [str(p) for p in paths], (torch.stack([dataset[j][0] for j in range(i, min(i + batch_size, len(paths)))])
                                          for i in range(0, len(paths), batch_size))
@@ -106,8 +104,6 @@ def _batches(desc, inputs: Sequence[str], run_dir: Path, batch_size: int = 256):
 def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overrides: Sequence[str] = (),
                 top_k: int = 5) -> Tuple[List[str], torch.Tensor, List[str]]:
     """(input names, probabilities (N, C), class names) of ``run_dir``'s model on ``inputs``."""
-    from .scoring import eval_logit_scale
-
     run_dir = Path(run_dir)
     config, weights = run_dir / "config.yaml", run_dir / f"{which}.safetensors"
     if not config.is_file() or not weights.is_file():
@@ -119,26 +115,21 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
         desc = _Described(json.loads((run_dir / DATA_FILE).read_text()))
     else:  # a run from before data.json: rebuild the data description from the dataset itself
         desc = _Described(data_description(dataset_from_config(cfg)))
-    device = resolve_device(cfg.device)
-    model = model_from_config(cfg, desc).to(device)
-    load_trained(model, ckpt.load_weights(weights), cfg.finetune, str(weights))
-    model.eval()
-    dtype = amp_dtype(cfg.amp, device)
-    tau = resolve_tau_norm(cfg.tau_norm)
+    device, tau = resolve_device(cfg.device), resolve_tau_norm(cfg.tau_norm)
     if tau == "auto":  # chosen on the run's validation split, exactly as `ccar eval` does
-        from .distributed import DistContext
-        from .scoring import chosen_tau
-
-        data = dataset_from_config(cfg)
-        _, eval_batches = make_loaders(data, cfg, device, DistContext())
-        prepare = lambda x: normalize(x, data.augment)  # noqa: E731
-        tau, _ = chosen_tau(cfg, data, model, eval_batches, prepare, device, DistContext(), dtype)
+        run = load_run(cfg, weights)
+        model, (tau, _) = run.model, chosen_tau(run)
+    else:
+        model = model_from_config(cfg, desc).to(device)
+        load_trained(model, ckpt.load_weights(weights), cfg.finetune, str(weights))
+    model.eval()
+    precision = resolve_precision(cfg.amp, device)
     names, batches = _batches(desc, inputs, run_dir)
     outputs = []
     with TauNorm(model, tau) if tau is not None else contextlib.nullcontext(), torch.no_grad():
         for x in batches:
             x = normalize(x.to(device), desc.augment)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with precision.autocast(device):
                 logits = model(x)
             outputs.append(logits.float().cpu() * eval_logit_scale(cfg))
     logits = torch.cat(outputs)

@@ -18,9 +18,10 @@ import copy
 from pathlib import Path
 from typing import Dict, Sequence
 
+from ..config import LossConfig, apply_overrides, load_config, validate
+from ..config.schema import RETRAIN_METHODS as METHODS
 from ..errors import ConfigError
-from .config import LossConfig, apply_overrides, load_config, validate
-from .decoupling import RETRAIN_METHODS as METHODS
+from .train import train
 
 
 def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
@@ -58,6 +59,4 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
 
 def retrain(run_dir: Path, overrides: Sequence[str] = (), resume: bool = False, log=print) -> Dict[str, object]:
     """Run the second stage; returns its metrics (as ``train`` does)."""
-    from .train import train
-
     return train(retrain_config(run_dir, overrides), resume=resume, log=log)

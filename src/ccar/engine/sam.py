@@ -24,10 +24,11 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..config.schema import SAM_SCOPES  # noqa: F401
+from ..metrics import rank_thirds
 from .distributed import DistContext
 
 ASAM_ETA = 0.01
-SAM_SCOPES = ("all", "tail")
 
 
 def tail_classes(class_counts: Sequence[int], below: Optional[int]) -> List[int]:
@@ -38,8 +39,6 @@ def tail_classes(class_counts: Sequence[int], below: Optional[int]) -> List[int]
     """
     if below is not None:
         return [c for c, n in enumerate(class_counts) if n < below]
-    from ..metrics import rank_thirds
-
     return rank_thirds(class_counts)["tail"]
 
 
@@ -168,7 +167,7 @@ def sam_backward(sam: SAM, model: nn.Module, per_sample: torch.Tensor, targets: 
 def optimizer_summary(o, world_size: int, tail: Optional[torch.Tensor]) -> str:
     """One line on what a step is: the effective batch (with the linear lr-scaling rule) and SAM's setting.
 
-    >>> from ccar.engine.config import OptimConfig
+    >>> from ccar.config import OptimConfig
     >>> optimizer_summary(OptimConfig(batch_size=64, accumulate=4, lr=0.1), 2, None)
     'optim.accumulate=4: effective batch 4 x 64 per process x 2 processes = 512 (linear scaling rule: lr 0.1 for 512 is 0.05 per 256)'
     """

@@ -10,27 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .heads import NormedLinear, classifier, classifier_name, make_head as _head
 
 MODELS = ("auto", "resnet32", "cnn", "mlp", "resnet50", "resnext50", "timm:<name>", "hf:<hub id or folder>")
 HF_PREFIX = "hf:"
 TIMM_PREFIX = "timm:"
 STEM_FROM = 96  # ResNet-32 on inputs this large or larger starts with a stride-4 stem
-
-
-class NormedLinear(nn.Module):
-    """Cosine classifier: logits = normalize(x) @ normalize(W), in [-1, 1]. Pair it with LDAM (scale s = 30)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
-
-
-def _head(features: int, num_classes: int, cosine: bool) -> nn.Module:
-    return NormedLinear(features, num_classes) if cosine else nn.Linear(features, num_classes)
 
 
 class _ShortcutA(nn.Module):

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .plots import _plt, save_figure
+from ..tuning import select_runs
+from .plots import _plt, per_class_figure, save_figure
 from .stats import mean_std, paired_ci
 
 GROUPS = [("many", lambda m: m["many"]), ("medium", lambda m: m["medium"]), ("few", lambda m: m["few"]),
@@ -253,129 +254,167 @@ def hardware() -> str:
 
 
 def write_report(folder: Path, spec: Dict[str, Any], rows: List[Dict[str, Any]], source: str = "") -> Path:
-    from ..tuning import select_runs
-    from .plots import per_class_figure
-
+    """``report.md`` and its figures in ``folder``, from a sweep's results ``rows``: a summary table, a section
+    per setting of the main grid, convergence, the tuned knobs and the studies."""
     folder = Path(folder)
-    order = list(spec["methods"])
     cfg = spec.get("report") or {}
-    metric, reference, last_epoch = cfg.get("metric", "top1"), cfg.get("reference"), bool(cfg.get("last_epoch"))
+    metric = cfg.get("metric", "top1")
     LABELS.clear()
     LABELS.update({k: {str(_fmt_value(_key(v))): str(name) for v, name in (m or {}).items()}
                    for k, m in (cfg.get("labels") or {}).items()})
-    label = METRIC_LABELS.get(metric, metric)
     reported, tuning = select_runs(rows, spec)
     table = aggregate(reported)
     main_keys = set((spec.get("grid") or {}).keys())
     main = OrderedDict((s, m) for s, m in table.items() if {k for k, _ in s} == main_keys)
     studies = [(s, m) for s, m in table.items() if {k for k, _ in s} != main_keys]
-    minutes = sum(r["wall_seconds"] for r in rows) / 60
-    lines = [f"# Sweep report: `{source or folder}`", "",
-             f"Reproduce: `ccar sweep {source}` (tables and figures from the committed `results.jsonl`: add "
-             f"`--report-only`)  ·  {len(rows)} runs ({len(reported)} reported, the rest tuning candidates)  ·  "
-             f"{minutes:.1f} min of training in total  ·  "
-             f"{'; '.join(sorted({r.get('hardware') or 'hardware not recorded' for r in rows}))}", "",
-             f"Test {label} (%) of the model chosen on the validation split (best balanced validation accuracy), "
-             "mean ± sample std over seeds; bold = best mean in the column (lowest for gap and ECE). Shot groups by "
-             "training count (many > 100, medium 20–100, few < 20; — where a group has no class) and head/middle/"
-             "tail thirds by class rank. Comparisons are paired by seed: Δ mean with its 95 % paired-t interval "
-             "[low, high]; the verdict says \"helps\" or \"hurts\" only when the interval excludes 0."
-             + (" \"last epoch\": the same runs' final-epoch model, a check on how much the validation-based choice "
-                "of epoch moves the numbers (not a second selection)." if last_epoch else ""), ""]
-    summary = ["## Summary", "", f"| setting | best method ({label}) | " + " | ".join(
-        f"{m} − {b}" for m, b in (cfg.get("baselines") or {}).items()) + " |",
-        "|---|---|" + "---|" * len(cfg.get("baselines") or {})]
-    body, figures = [], []
+    lines = _header(folder, source, rows, reported, metric, bool(cfg.get("last_epoch")))
+    summary, body = _summary_head(cfg, metric), []
     for setting, methods in main.items():
-        name, mean, std = best_method(methods, metric)
-        cells = []
-        deltas = ["| comparison | Δ mean | 95 % CI | seeds | base seed std | verdict |"
-                  + (" last epoch: Δ [95 % CI] | verdict |" if last_epoch else ""),
-                  "|---|---|---|---|---|---|" + ("---|---|" if last_epoch else "")]
-        for method, base in (cfg.get("baselines") or {}).items():
-            d = paired_delta(methods[method], methods[base], metric) if method in methods and base in methods else None
-            cells.append(f"{_interval(d)} {d['verdict']}" if d else "—")
-            if d:
-                ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "—"
-                row = f"| {method} − {base} | {d['mean']:+.2f} | {ci} | {d['n']} | {d['base_seed_std']:.2f} | {d['verdict']} |"
-                if last_epoch:
-                    e = paired_delta(methods[method], methods[base], metric, which="last")
-                    row += f" {_interval(e)} | {e['verdict']} |" if e else " — | — |"
-                deltas.append(row)
-        summary.append(f"| {_setting_name(setting)} | {name} {mean:.1f} ± {std:.1f} | " + " | ".join(cells) + " |")
-        tag = _tag(setting)
-        body += [f"## {_setting_name(setting)}", "", summary_table(methods, order, metric, reference, last_epoch), ""]
-        if len(deltas) > 2:
-            what = ("CCAR against its base" if all(m.startswith("CCAR") for m in cfg.get("baselines") or {})
-                    else "Each method against its base")
-            body += [f"{what}, test {label} paired by seed:", "", *deltas, ""]
-        names = [m for m in order if m in methods]
-        bar = _bar_figure(folder / f"groups_{tag}.png", names,
-                          {f"{g} third": [[r["metrics"]["groups"][g] for r in methods[n]] for n in names]
-                           for g in ("head", "middle", "tail")},
-                          f"accuracy by class-rank third — {_setting_name(setting)}",
-                          "test accuracy (%), mean ± std over seeds", (0, 100))
-        chosen = [m for m in cfg.get("per_class", []) if m in methods]
-        per_class = None
-        if chosen:
-            counts = methods[chosen[0]][0]["metrics"]["class_counts"]
-            series = {m: [mean_std([r["metrics"]["per_class"][c] for r in methods[m]])[0] for c in range(len(counts))]
-                      for m in chosen}
-            per_class = per_class_figure(folder / f"per_class_{tag}.png", counts, series,
-                                         f"per-class accuracy (mean over seeds) — {_setting_name(setting)}")
-        for fig in (bar, per_class):
-            if fig is not None:
-                figures.append(fig)
-                body += [f"![{fig.stem}]({fig.name})", ""]
-        body += agnostic_table(methods, order)
-    lines += summary + [""]
-    if reference and main:
-        names = [m for m in order if any(m in methods for methods in main.values())]
-        fig = _bar_figure(folder / "gap_to_optimum.png", [_setting_name(s).replace(", ", "\n") for s in main],
-                          {n: [[r["metrics"][reference] - r["metrics"][metric] for r in methods.get(n, [])]
-                               for methods in main.values()] for n in names},
-                          "gap to the best achievable score (lower is better)",
-                          f"optimum − test {METRIC_LABELS.get(metric, metric)} (points)", tick_style={"fontsize": 7})
-        if fig is not None:
-            figures.append(fig)
-            lines += [f"![gap to the optimum]({fig.name})", ""]
-    lines += body
-    curves = [m for m in cfg.get("curves", order[:1])]
-    fig = _curve_figure(folder / "convergence.png", list(main.items()), curves)
-    if fig is not None:
-        figures.append(fig)
-        lines += ["## Convergence", "", f"![convergence]({fig.name})", ""]
-    if tuning:
-        lines += ["## Tuned knobs", "", f"Each candidate trained on seed {tuning[0]['seed']}; chosen by balanced "
-                  "accuracy on that seed's validation split (in brackets), then reused for every seed.", "",
-                  "| setting | method | candidates (val. balanced acc.) | chosen |", "|---|---|---|---|"]
-        for t in tuning:
-            cands = ", ".join(f"{_knobs(c)} ({s:.1f})" if s is not None else _knobs(c) for c, s in t["candidates"])
-            lines.append(f"| {_setting_name(_setting(t))} | {t['method']} | {cands} | {_knobs(t['chosen'])} |")
-        lines.append("")
-    if studies:
-        lines += ["## Studies", "", "Δ: the study run minus the same method in the main grid (same setting, paired "
-                  "by seed), 95 % paired-t interval.", "",
-                  f"| setting | method | seeds | {label} | head | middle | tail | Δ vs main grid [95 % CI] | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for setting, methods in studies:
-            rest = tuple((k, v) for k, v in setting if k in main_keys)
-            for name, runs in methods.items():
-                cells = [_cell(*mean_std([get(r["metrics"]) for r in runs])) for get in
-                         (lambda m: m[metric], lambda m: m["groups"]["head"], lambda m: m["groups"]["middle"],
-                          lambda m: m["groups"]["tail"])]
-                d = paired_delta(runs, main[rest][name], metric) if name in main.get(rest, {}) else None
-                lines.append(f"| {_setting_name(setting)} | {name} | {len(runs)} | " + " | ".join(cells)
-                             + f" | {_interval(d) if d else '—'} | {d['verdict'] if d else '—'} |")
-        lines.append("")
-        for knob, default in (cfg.get("knobs") or {}).items():
-            fig = _knob_figure(folder / f"knob_{knob.split('.')[-1]}.png", knob, default, main, studies, metric)
-            if fig is not None:
-                figures.append(fig)
-                lines += [f"![{knob}]({fig.name})", ""]
+        row, section = _setting_section(folder, spec, setting, methods)
+        summary.append(row)
+        body += section
+    lines += summary + [""] + _gap_figure(folder, spec, main) + body + _convergence(folder, spec, main)
+    lines += _tuning_section(tuning) + _studies_section(folder, cfg, metric, main, main_keys, studies)
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _header(folder: Path, source: str, rows, reported, metric: str, last_epoch: bool) -> List[str]:
+    minutes = sum(r["wall_seconds"] for r in rows) / 60
+    return [f"# Sweep report: `{source or folder}`", "",
+            f"Reproduce: `ccar sweep {source}` (tables and figures from the committed `results.jsonl`: add "
+            f"`--report-only`)  ·  {len(rows)} runs ({len(reported)} reported, the rest tuning candidates)  ·  "
+            f"{minutes:.1f} min of training in total  ·  "
+            f"{'; '.join(sorted({r.get('hardware') or 'hardware not recorded' for r in rows}))}", "",
+            f"Test {METRIC_LABELS.get(metric, metric)} (%) of the model chosen on the validation split (best balanced "
+            "validation accuracy), mean ± sample std over seeds; bold = best mean in the column (lowest for gap and "
+            "ECE). Shot groups by training count (many > 100, medium 20–100, few < 20; — where a group has no class) "
+            "and head/middle/tail thirds by class rank. Comparisons are paired by seed: Δ mean with its 95 % paired-t "
+            "interval [low, high]; the verdict says \"helps\" or \"hurts\" only when the interval excludes 0."
+            + (" \"last epoch\": the same runs' final-epoch model, a check on how much the validation-based choice "
+               "of epoch moves the numbers (not a second selection)." if last_epoch else ""), ""]
+
+
+def _summary_head(cfg: Dict[str, Any], metric: str) -> List[str]:
+    baselines = cfg.get("baselines") or {}
+    return ["## Summary", "", f"| setting | best method ({METRIC_LABELS.get(metric, metric)}) | " + " | ".join(
+        f"{m} − {b}" for m, b in baselines.items()) + " |", "|---|---|" + "---|" * len(baselines)]
+
+
+def _deltas(cfg: Dict[str, Any], methods, metric: str) -> tuple:
+    """(the summary row's cells, the paired-comparison table's lines) of one setting."""
+    last_epoch = bool(cfg.get("last_epoch"))
+    cells = []
+    deltas = ["| comparison | Δ mean | 95 % CI | seeds | base seed std | verdict |"
+              + (" last epoch: Δ [95 % CI] | verdict |" if last_epoch else ""),
+              "|---|---|---|---|---|---|" + ("---|---|" if last_epoch else "")]
+    for method, base in (cfg.get("baselines") or {}).items():
+        d = paired_delta(methods[method], methods[base], metric) if method in methods and base in methods else None
+        cells.append(f"{_interval(d)} {d['verdict']}" if d else "—")
+        if d:
+            ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "—"
+            row = f"| {method} − {base} | {d['mean']:+.2f} | {ci} | {d['n']} | {d['base_seed_std']:.2f} | {d['verdict']} |"
+            if last_epoch:
+                e = paired_delta(methods[method], methods[base], metric, which="last")
+                row += f" {_interval(e)} | {e['verdict']} |" if e else " — | — |"
+            deltas.append(row)
+    return cells, deltas
+
+
+def _setting_section(folder: Path, spec: Dict[str, Any], setting, methods) -> tuple:
+    """(the setting's summary row, its section: table, paired comparisons, figures, test-agnostic table)."""
+    cfg, order = spec.get("report") or {}, list(spec["methods"])
+    metric = cfg.get("metric", "top1")
+    name, mean, std = best_method(methods, metric)
+    cells, deltas = _deltas(cfg, methods, metric)
+    row = f"| {_setting_name(setting)} | {name} {mean:.1f} ± {std:.1f} | " + " | ".join(cells) + " |"
+    body = [f"## {_setting_name(setting)}", "",
+            summary_table(methods, order, metric, cfg.get("reference"), bool(cfg.get("last_epoch"))), ""]
+    if len(deltas) > 2:
+        what = ("CCAR against its base" if all(m.startswith("CCAR") for m in cfg.get("baselines") or {})
+                else "Each method against its base")
+        body += [f"{what}, test {METRIC_LABELS.get(metric, metric)} paired by seed:", "", *deltas, ""]
+    for fig in _setting_figures(folder, cfg, order, setting, methods):
+        if fig is not None:
+            body += [f"![{fig.stem}]({fig.name})", ""]
+    return row, body + agnostic_table(methods, order)
+
+
+def _setting_figures(folder: Path, cfg: Dict[str, Any], order, setting, methods) -> tuple:
+    """The accuracy-by-third bars and (for ``per_class`` methods) the per-class curve of one setting."""
+    tag, names = _tag(setting), [m for m in order if m in methods]
+    bar = _bar_figure(folder / f"groups_{tag}.png", names,
+                      {f"{g} third": [[r["metrics"]["groups"][g] for r in methods[n]] for n in names]
+                       for g in ("head", "middle", "tail")},
+                      f"accuracy by class-rank third — {_setting_name(setting)}",
+                      "test accuracy (%), mean ± std over seeds", (0, 100))
+    chosen = [m for m in cfg.get("per_class", []) if m in methods]
+    per_class = None
+    if chosen:
+        counts = methods[chosen[0]][0]["metrics"]["class_counts"]
+        series = {m: [mean_std([r["metrics"]["per_class"][c] for r in methods[m]])[0] for c in range(len(counts))]
+                  for m in chosen}
+        per_class = per_class_figure(folder / f"per_class_{tag}.png", counts, series,
+                                     f"per-class accuracy (mean over seeds) — {_setting_name(setting)}")
+    return bar, per_class
+
+
+def _gap_figure(folder: Path, spec: Dict[str, Any], main) -> List[str]:
+    cfg, order = spec.get("report") or {}, list(spec["methods"])
+    reference, metric = cfg.get("reference"), cfg.get("metric", "top1")
+    if not (reference and main):
+        return []
+    names = [m for m in order if any(m in methods for methods in main.values())]
+    fig = _bar_figure(folder / "gap_to_optimum.png", [_setting_name(s).replace(", ", "\n") for s in main],
+                      {n: [[r["metrics"][reference] - r["metrics"][metric] for r in methods.get(n, [])]
+                           for methods in main.values()] for n in names},
+                      "gap to the best achievable score (lower is better)",
+                      f"optimum − test {METRIC_LABELS.get(metric, metric)} (points)", tick_style={"fontsize": 7})
+    return [f"![gap to the optimum]({fig.name})", ""] if fig is not None else []
+
+
+def _convergence(folder: Path, spec: Dict[str, Any], main) -> List[str]:
+    order = list(spec["methods"])
+    curves = [m for m in (spec.get("report") or {}).get("curves", order[:1])]
+    fig = _curve_figure(folder / "convergence.png", list(main.items()), curves)
+    return ["## Convergence", "", f"![convergence]({fig.name})", ""] if fig is not None else []
+
+
+def _tuning_section(tuning) -> List[str]:
+    if not tuning:
+        return []
+    lines = ["## Tuned knobs", "", f"Each candidate trained on seed {tuning[0]['seed']}; chosen by balanced "
+             "accuracy on that seed's validation split (in brackets), then reused for every seed.", "",
+             "| setting | method | candidates (val. balanced acc.) | chosen |", "|---|---|---|---|"]
+    for t in tuning:
+        cands = ", ".join(f"{_knobs(c)} ({s:.1f})" if s is not None else _knobs(c) for c, s in t["candidates"])
+        lines.append(f"| {_setting_name(_setting(t))} | {t['method']} | {cands} | {_knobs(t['chosen'])} |")
+    return lines + [""]
+
+
+def _studies_section(folder: Path, cfg: Dict[str, Any], metric: str, main, main_keys, studies) -> List[str]:
+    if not studies:
+        return []
+    lines = ["## Studies", "", "Δ: the study run minus the same method in the main grid (same setting, paired "
+             "by seed), 95 % paired-t interval.", "",
+             f"| setting | method | seeds | {METRIC_LABELS.get(metric, metric)} | head | middle | tail | "
+             "Δ vs main grid [95 % CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for setting, methods in studies:
+        rest = tuple((k, v) for k, v in setting if k in main_keys)
+        for name, runs in methods.items():
+            cells = [_cell(*mean_std([get(r["metrics"]) for r in runs])) for get in
+                     (lambda m: m[metric], lambda m: m["groups"]["head"], lambda m: m["groups"]["middle"],
+                      lambda m: m["groups"]["tail"])]
+            d = paired_delta(runs, main[rest][name], metric) if name in main.get(rest, {}) else None
+            lines.append(f"| {_setting_name(setting)} | {name} | {len(runs)} | " + " | ".join(cells)
+                         + f" | {_interval(d) if d else '—'} | {d['verdict'] if d else '—'} |")
+    lines.append("")
+    for knob, default in (cfg.get("knobs") or {}).items():
+        fig = _knob_figure(folder / f"knob_{knob.split('.')[-1]}.png", knob, default, main, studies, metric)
+        if fig is not None:
+            lines += [f"![{knob}]({fig.name})", ""]
+    return lines
 
 
 AGNOSTIC_COLUMNS = ("forward-50", "forward-10", "uniform", "backward-10", "backward-50")

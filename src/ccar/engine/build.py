@@ -1,23 +1,32 @@
-"""What a run is built from, shared by training, ``ccar eval`` and ``ccar predict``: the device and precision, the
-dataset and model a config names, the loaders, and the run folder's description of its data (``data.json``)."""
+"""What a run is built from, shared by training, ``ccar eval`` and ``ccar predict``: the dataset and model a config
+names, the loaders, the run folder's description of its data (``data.json``), and :func:`assemble`, which puts them
+together into a :class:`~ccar.engine.run.Run` (the feature cache, fine-tuning mode, text-initialised head and
+retrain surgery happen here, while the model is assembled, never in the training loop)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
-from ..data import DeviceLoader, LongTailData, build_dataset, file_loader
+from ..config import TrainConfig
+from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
 from ..errors import ConfigError, TrainingError
-from ..models import HF_PREFIX, TIMM_PREFIX, build_model
-from .config import TrainConfig
-from .decoupling import wrap_lws
+from ..models import HF_PREFIX, TIMM_PREFIX, build_model, timm_preprocessing
+from ..models.heads import NormedLinear, classifier, wrap_lws
+from ..models.pretrained import hf_preprocessing
+from . import checkpoint as ckpt
+from .decoupling import prepare_retrain
 from .distributed import DistContext
-from .finetune import apply_finetune, load_pretrained
+from .features import cached_features
+from .finetune import apply_finetune, load_pretrained, load_trained
+from .run import Run
+from .runtime import resolve_device, resolve_precision
+from .sync_bn import convert_sync_batchnorm
 
 DATA_FILE = "data.json"
 
@@ -33,58 +42,12 @@ def save_data_description(data: LongTailData, path: Path) -> None:
     path.write_text(json.dumps(data_description(data), indent=1))
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), as oneDNN reports it. Without it PyTorch's bf16
-    convolutions fall back to a reference kernel and a training step is 10-13x slower than in float32
-    (docs/benchmarks.md). ``CCAR_NATIVE_BF16=0`` or ``1`` overrides the detection (the tests pin 0, so that the same
-    commit computes the same numbers on every CPU)."""
-    override = os.environ.get("CCAR_NATIVE_BF16")
-    if override in ("0", "1"):
-        return override == "1"
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN or without the query
-        return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {exc}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu")
-    return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``amp`` (None: float32). ``auto`` is bf16 on CUDA devices that support it and on CPUs
-    with native bf16 (:func:`native_bf16_cpu`; the default job's accuracy is unchanged by it within the seed spread,
-    docs/benchmarks.md), float32 elsewhere."""
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else None
-    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if mode not in choices:
-        raise ConfigError(f"amp must be one of auto, bf16, fp16, off; got {mode!r}")
-    if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=off on the CPU")
-    return choices[mode]
-
-
 def backbone_preprocessing(cfg: TrainConfig):
     """The input size, mean and std a pretrained backbone expects (``hf:`` models, ``timm:`` with
     ``model.pretrained``); None for models trained from scratch."""
     if cfg.model.name.startswith(HF_PREFIX):
-        from ..models.pretrained import hf_preprocessing
-
         return hf_preprocessing(cfg.model.name[len(HF_PREFIX):])
     if cfg.model.name.startswith(TIMM_PREFIX) and cfg.model.pretrained:
-        from ..models import timm_preprocessing
-
         return timm_preprocessing(cfg.model.name[len(TIMM_PREFIX):])
     return None
 
@@ -162,9 +125,7 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
 def init_head_from_text(model: torch.nn.Module, cfg: TrainConfig, data: LongTailData) -> None:
     """``head.init=text``: the classifier of a CLIP/SigLIP backbone starts as its zero-shot classifier over the
     class names (a linear head: rows = scaled text embeddings; a cosine head: their directions)."""
-    from ..models import NormedLinear
-    from ..models.pretrained import text_classifier
-    from .decoupling import classifier
+    from ..models.pretrained import text_classifier  # (transformers, an optional extra)
 
     weight, bias = text_classifier(cfg.model.name[len(HF_PREFIX):], data.class_names, cfg.head.prompt)
     head = classifier(model)
@@ -206,3 +167,65 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
         def eval_batches(split):
             return file_loader(split, bs, False, cfg.workers, cfg.seed, ctx.rank, ctx.world_size, data.image_size)
     return train, eval_batches
+
+
+def build_data(cfg: TrainConfig, dist: DistContext, device: torch.device, log=print) -> LongTailData:
+    """The run's data, the same on every rank (checked); ``model.name=auto`` is resolved from it here, once, so that
+    ``config.yaml`` (eval, predict, resume) names the model itself."""
+    data = dataset_from_config(cfg)
+    if dist.enabled:  # every rank must have built the same split; shards differ, the counts may not
+        mine = torch.tensor(data.class_counts, dtype=torch.float64, device=device)
+        if not torch.equal(dist.all_reduce_sum(mine.clone()), mine * dist.world_size):
+            raise TrainingError(f"rank {dist.rank}: class counts differ between processes; check data_root on every node")
+    if cfg.model.name == "auto":
+        cfg.model.name, why = auto_model(data.input_shape)
+        if dist.is_main:
+            log(f"model.name=auto: {cfg.model.name} ({why})")
+    return data
+
+
+def _model(cfg: TrainConfig, data: LongTailData, dist: DistContext, device: torch.device, resumed: bool
+           ) -> torch.nn.Module:
+    """The model as it starts training: built, its head text-initialised (a fresh run: a resumed one's head is in
+    its checkpoint), on the device, a second stage's surgery done, SyncBN and the memory layout set."""
+    model = model_from_config(cfg, data)
+    if cfg.head.init == "text" and not resumed and not cfg.retrain:
+        init_head_from_text(model, cfg, data)
+    model = model.to(device)
+    if cfg.retrain:  # second stage: the parent's best model, all but the classifier frozen
+        prepare_retrain(model, cfg.retrain, ckpt.load_weights(Path(cfg.parent) / "best.safetensors"), cfg.finetune)
+    if cfg.sync_bn and dist.enabled:
+        model = convert_sync_batchnorm(model, device).to(device)
+    if use_channels_last(cfg, data):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def assemble(cfg: TrainConfig, data: LongTailData, dist: DistContext, device: torch.device, log=print,
+             resumed: bool = False) -> Tuple[Run, object]:
+    """The :class:`Run` of ``cfg`` on ``data`` and its training loader."""
+    model = _model(cfg, data, dist, device, resumed)
+    train_loader, eval_batches = make_loaders(data, cfg, device, dist)
+    prepare = functools.partial(normalize, augment=data.augment, channels_last=use_channels_last(cfg, data))
+    run = Run(cfg, data, model, device, resolve_precision(cfg.amp, device), dist, eval_batches, prepare, log)
+    return run, train_loader
+
+
+def with_feature_cache(run: Run) -> Tuple[Run, object]:
+    """A frozen backbone's run on its features, computed once (:mod:`ccar.engine.features`), with loaders over
+    them: from here on ``run.model(features)`` is its classifier's logits."""
+    run = cached_features(run)
+    train_loader, eval_batches = make_loaders(run.data, run.cfg, run.device, run.dist)
+    return dataclasses.replace(run, eval_batches=eval_batches), train_loader
+
+
+def load_run(cfg: TrainConfig, weights: Path) -> Run:
+    """A finished run's model with its saved ``weights``, on its data, in one process: what ``ccar eval`` scores
+    (and ``ccar predict`` when it chooses tau on the validation split)."""
+    device, dist = resolve_device(cfg.device), DistContext()
+    data = dataset_from_config(cfg)
+    model = model_from_config(cfg, data).to(device)
+    load_trained(model, ckpt.load_weights(weights), cfg.finetune, str(weights))
+    _, eval_batches = make_loaders(data, cfg, device, dist)
+    prepare = functools.partial(normalize, augment=data.augment, channels_last=use_channels_last(cfg, data))
+    return Run(cfg, data, model, device, resolve_precision(cfg.amp, device), dist, eval_batches, prepare)

@@ -1,0 +1,190 @@
+"""The run configuration's schema: typed dataclasses with their defaults, and the valid values of every key that
+takes one of a set (declared here, beside the schema, so that the configuration imports nothing from the engine).
+
+The defaults are the built-in default job: CCAR over logit adjustment on Fashion-MNIST-LT, imbalance 100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..data.policies import POLICIES
+from ..data.sampling import SAMPLERS
+from ..data.synthetic import GaussianShape
+
+# Valid values of the keys that take one of a set. The modules that implement them import these names.
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+MIX_MODES = ("none", "mixup", "cutmix", "remix")  # ccar.engine.mixing
+RETRAIN_METHODS = ("crt", "lws", "ft", "las", "ncm")  # `ccar retrain RUN method=...` (ccar.engine.decoupling)
+FINETUNE_MODES = ("full", "linear", "bias", "lora")  # ccar.engine.finetune
+SAM_SCOPES = ("all", "tail")  # ccar.engine.sam
+SCHEDULES = ("cosine", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
+
+__all__ = ["AMP_MODES", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
+           "POLICIES", "SAMPLERS", "MAX_SEED", "LossConfig", "ModelConfig", "LoraOptions", "HeadInit", "AugmentConfig",
+           "OptimConfig", "TrainConfig", "to_dict"]
+
+
+@dataclass
+class LossConfig:
+    """``name`` in ce, focal, cb, cb-focal, ldam, la, bs, ccar; unset (null) options take the loss's defaults."""
+
+    name: str = "ccar"
+    base: Optional[str] = "la"  # ccar only
+    omega: Optional[float] = None
+    power_base: Optional[float] = None
+    detach_weight: Optional[bool] = None
+    normalize: Optional[str] = None
+    frequency: Optional[str] = None
+    strength: Optional[float] = None
+    gamma: Optional[float] = None
+    beta: Optional[float] = None
+    form: Optional[str] = None
+    tau: Optional[float] = None
+    max_margin: Optional[float] = None
+    scale: Optional[float] = None
+    smooth_head: Optional[float] = None  # las: label smoothing of the most frequent class (0.4)
+    smooth_tail: Optional[float] = None  # las: of the rarest (0.1)
+    smooth_shape: Optional[str] = None  # las: concave, linear or convex in between
+    drw_epoch: Optional[int] = None
+    drw_beta: Optional[float] = None
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword options for :func:`ccar.losses.build_loss` (set ones only; ``base`` only for ccar)."""
+        opts = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "name"}
+        if self.name != "ccar":
+            opts.pop("base", None)
+        return opts
+
+    @property
+    def uses_ldam(self) -> bool:
+        return self.name == "ldam" or (self.name == "ccar" and self.base == "ldam")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "auto"  # auto (from the data: ccar.engine.setup.auto_model), resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
+    width: int = 16  # cnn
+    depth: int = 32  # resnet_cifar
+    hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
+    head: str = "auto"  # linear, cosine; auto = cosine for LDAM
+    weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
+    pretrained: bool = False  # timm:<name>: timm's pretrained weights (hub/cache, or model.weights as timm's file)
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: List[str] = field(default_factory=list)  # module names; [] = every linear layer (else conv) of the backbone
+
+
+@dataclass
+class HeadInit:
+    init: str = "random"  # random, or text: CLIP/SigLIP's class-name text embeddings (a zero-shot start; LIFT)
+    prompt: str = "a photo of a {}."  # head.init=text: the text of each class, its name in place of {}
+
+
+@dataclass
+class AugmentConfig:
+    flip: str = "auto"  # horizontal flip of training images: auto (the dataset's choice: photos yes, digits/grey no), true, false
+    policy: str = "none"  # none, randaugment, autoaugment (CIFAR-10 policy): batched on the device (kornia)
+    n: int = 2  # randaugment: operations per image
+    m: int = 10  # randaugment: magnitude (0-30)
+    cutout: int = 0  # side of the square Cutout zeroes in each training image (0: off)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd, adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    warmup_epochs: int = 1
+    schedule: str = "cosine"  # cosine, multistep, constant
+    milestones: List[int] = field(default_factory=lambda: [160, 180])
+    decay: float = 0.01  # multistep factor per milestone
+    max_norm: Optional[float] = None  # MaxNorm (weight balancing): classifier rows projected to norm <= this per step
+    backbone_lr: Optional[float] = None  # learning rate of everything but the classifier (default: lr)
+    accumulate: int = 1  # gradient accumulation: one optimizer step per this many batches (effective batch x this)
+    sam: float = 0.0  # sharpness-aware minimisation: the radius rho (0: off; ccar.engine.sam)
+    sam_adaptive: bool = False  # ASAM: the radius scaled per weight by |w| + 0.01
+    sam_scope: str = "all"  # all, or tail: ImbSAM, only the tail classes' loss is made flat
+    sam_tail_below: Optional[int] = None  # sam_scope=tail: classes with fewer training images (unset: rarest third)
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist-lt"
+    data_root: Optional[str] = None
+    imbalance: Optional[float] = None  # default 100 for the synthetic long tails
+    n_max: Optional[int] = None  # synthetic long tails: images of the head class (default: the smallest source class)
+    profile: str = "exp"
+    classes: Optional[List[int]] = None  # synthetic long tails: a subset of the source's classes (relabelled 0..k-1)
+    val_fraction: float = 0.1
+    seed: int = 0
+    epochs: int = 15
+    out: Optional[str] = None  # run folder; default runs/<dataset>-<loss>-s<seed>
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off), bf16, fp16, off
+    channels_last: str = "auto"  # auto (on for convolutional models on image data), true, false
+    compile: bool = False
+    deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
+    threads: int = 0  # CPU threads (0: torch's default)
+    resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
+    workers: int = 4  # DataLoader workers for file-backed datasets
+    image_size: str = "auto"  # folders and file lists: pixels, or auto (folders: from the images; file lists: 224)
+    in_memory: str = "auto"  # dataset=folder: decode once into memory (auto: when it fits in 2 GiB), true, false
+    test_fraction: float = 0.2  # dataset=folder with one tree: the share of each class carved out as the test split
+    label_column: Optional[str] = None  # dataset=csv (default: label, target or class, else the last column)
+    csv_impute: str = "none"  # dataset=csv: none (a missing value is an error) or mean (mean / most frequent)
+    posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation
+    tau_norm: Optional[str] = None  # post-hoc tau-normalisation of the classifier: a number, or auto (chosen on val)
+    sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
+    sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
+    mix: str = "none"  # none, mixup, cutmix, remix: mixing of training batches (ccar.engine.mixing)
+    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+    mix_prob: float = 1.0  # share of the batches mixed
+    mix_until: Optional[int] = None  # mix in epochs before this one (unset: every epoch)
+    remix_kappa: float = 3.0  # mix=remix: count ratio from which a pair counts as imbalanced
+    remix_tau: float = 0.5  # mix=remix: below this weight the head sample loses its label
+    sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch instead of each process's
+    finetune: str = "full"  # which parameters train: full, linear (classifier), bias (+ biases), lora (+ adapters)
+    cache_features: str = "auto"  # frozen backbone: classifier trained on features computed once (auto: finetune=linear)
+    feature_cache: Optional[str] = None  # folder keeping those features between runs (a sweep: its features/)
+    retrain: Optional[str] = None  # set by `ccar retrain`: crt, lws, ft, las or ncm (second stage of a parent run)
+    parent: Optional[str] = None  # set by `ccar retrain`: the run folder whose model is re-trained
+    checkpoint_every: int = 1  # epochs
+    checkpoint_minutes: float = 0.0  # also checkpoint mid-epoch every this many minutes (0: off; long epochs)
+    resume: Optional[str] = None  # auto: continue the run in out if it has a checkpoint; false; unset: auto on restarts
+    progress: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    head: HeadInit = field(default_factory=HeadInit)  # how the classifier starts (model.head: its kind)
+    lora: LoraOptions = field(default_factory=LoraOptions)  # finetune=lora
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    synthetic: GaussianShape = field(default_factory=GaussianShape)  # dataset=gaussian-lt (ccar.data.synthetic)
+
+    @property
+    def image_size_value(self):
+        """``image_size`` as an int, or the string ``auto``."""
+        return self.image_size if self.image_size == "auto" else int(self.image_size)
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        loss = self.loss.name + (f"-{self.loss.base}" if self.loss.name == "ccar" else "")
+        return Path("runs") / f"{self.dataset}-{loss}-s{self.seed}"
+
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,69 @@
+"""The end of a run: the best-on-validation and the last model scored on the test set, once, after selection;
+``metrics.json``, the weight files, the figures and the printed table."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+import torch
+
+from ..report.plots import run_figures
+from ..report.tables import metrics_table
+from . import checkpoint as ckpt
+from .finetune import load_trained, saved_state
+from .run import Run, split_size
+from .scoring import evaluate_split, evaluate_test_split
+
+TEST_KEYS = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "test_agnostic",
+             "test_agnostic_oracle", "confusion_groups")
+
+
+def _selection(run: Run, best_state, history: List[Dict[str, object]]) -> tuple:
+    """(best epoch, its validation scores, how the model was selected)."""
+    if best_state is None:  # no validation split
+        best_epoch = len(history)
+    else:
+        best_epoch = max(range(len(history)), key=lambda i: (history[i]["val_balanced"] or -1, -i)) + 1
+    val = history[best_epoch - 1] if history else {"val_top1": None, "val_balanced": None}
+    if not history and split_size(run.data.val) > 0:
+        # method=ncm trains no epoch; its validation score is what a sweep tunes the first stage by
+        scores = evaluate_split(run, run.data.val, shifts=False)
+        val = {"val_top1": scores["top1"], "val_balanced": scores["balanced"]}
+    how = ("nearest class mean (nothing trained, nothing selected)" if run.cfg.retrain == "ncm" else
+           "best balanced accuracy on the validation split" if best_state is not None else
+           "last epoch (no validation split)")
+    return best_epoch, val, how
+
+
+def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: List[Dict[str, object]]
+           ) -> Dict[str, object]:
+    """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
+    cfg, data = run.cfg, run.data
+    last_state = saved_state(run.model, cfg.finetune, clone=True)
+    results = {}
+    for which, state in (("last", last_state), ("best", best_state or last_state)):
+        load_trained(run.model, state, cfg.finetune)
+        results[which] = evaluate_test_split(run)
+    best_epoch, val, how = _selection(run, best_state, history)
+    metrics = {
+        **{k: results["best"][k] for k in TEST_KEYS},
+        "val_top1": val["val_top1"], "val_balanced": val["val_balanced"], "best_epoch": best_epoch,
+        "epochs": len(history), "seconds": history[-1]["seconds"] if history else 0.0,
+        "class_counts": data.class_counts, "selection": how, "best": results["best"], "last": results["last"],
+        "precision": {"ran": run.precision.name, "why": run.precision.why},
+    }
+    if "tau_norm" in results["best"]:
+        metrics["tau_norm"] = results["best"]["tau_norm"]
+    if cfg.parent:
+        metrics["parent"] = cfg.parent
+    metrics.update(data.reference)  # e.g. the Bayes balanced accuracy of gaussian-lt
+    if run.dist.is_main:
+        (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        ckpt.save_weights(run.run_dir / "best.safetensors", best_state or last_state)
+        ckpt.save_weights(run.run_dir / "last.safetensors", last_state)
+        figures = run_figures(run.run_dir, cfg, metrics, history)
+        run.log(metrics_table({"best-on-val": results["best"], "last epoch": results["last"]}, data.class_counts))
+        run.log(f"results: {run.run_dir / 'metrics.json'}" + (f"; figures: {', '.join(str(f) for f in figures)}"
+                                                               if figures else ""))
+    return metrics
