@@ -1,25 +1,28 @@
-"""The CIFAR-100-LT paper recipe end to end (ResNet-32, batch 128, 10,847 images at IF 100), ccar's fast path
-against a reference-style pipeline, measured side by side in one run; plus concurrent small runs against one.
+"""Where ccar stands on one GPU, measured side by side in one run at the CIFAR-100-LT shape (10,847 training images of
+32x32 at imbalance 100, ResNet-32, batch 128, bf16, channels-last, data resident on the GPU):
 
-- ccar: the engine as users run it (`ccar train --config configs/cifar100-lt.yaml`): device-resident uint8 data,
-  batched crop/flip on the device, bf16 autocast and channels_last on CUDA, optional torch.compile; timed end to end
-  (data loading, compilation, every epoch's validation, the final test evaluation).
-- reference: what the LDAM-DRW repository does: PIL images, per-sample random crop + flip + to-tensor + normalise
-  in DataLoader workers (torchvision's transforms when importable, the same operations in PIL/numpy otherwise),
-  fp32. Timed over ``--reference-epochs`` epochs and reported per image, with its projected total.
-- concurrency: ``--concurrent`` copies of a short ccar run at once against one alone (aggregate images/s).
+1. step throughput (steady images/s, warm-up excluded): a bare PyTorch loop, eager and as a CUDA graph, against
+   ccar's engine eager (``compile=false``) and captured (``compile=auto``): the same data, the same batched crop and
+   flip on the device, the same model; ccar's number is its training epochs' images/s as ``ccar train`` logs them;
+2. packed cells: K ResNet-32s trained as one program (:mod:`ccar.engine.packed`: each its own batch, loss -- CE and
+   CCAR-LA alternate -- and learning rate), captured as one CUDA graph, aggregate images/s against K = 1;
+3. the 200-epoch recipe end to end (``ccar train --config configs/cifar100-lt.yaml``, ``compile=auto``): data
+   loading, capture, every epoch's validation and the final test evaluation.
 
-Uses real CIFAR-100 when ``--data-root`` holds ``cifar-100-python``; otherwise it writes synthetic files of the same
-shape, format and class profile into a temporary folder. Targets (issue #6): <= 60 s end to end on one H200 and
->= 5x the reference pipeline. On a CPU, run it small:  python benchmarks/gpu_recipe.py --small
+Targets (issue 32, on an H200): captured ccar >= 0.9x the bare CUDA-graph loop; a pack of 16 >= 5x one cell; the
+recipe under 90 s. Real CIFAR-100 when ``--data-root`` holds ``cifar-100-python``, else synthetic files of the same
+shape, format and class profile (throughput does not depend on the pixels; accuracy does).
 
-    python benchmarks/gpu_recipe.py [--data-root DIR] [--epochs 200] [--compile] [--concurrent 4]
+    python benchmarks/gpu_recipe.py [--data-root DIR] [--epochs 200] [--steps 300] [--packs 1,4,16] [--smoke]
+
+``--epochs N`` scales the recipe's schedule (warm-up 5, lr milestones 160, 180 of 200 epochs) to N epochs.
+``--smoke``: seconds on the CPU (10 synthetic images per class, ResNet-8, a few steps; the CUDA-graph rows say
+that they need a GPU), to check that the script works.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import pickle
 import tempfile
 import time
@@ -27,13 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ccar.data import build_dataset
+from ccar.data import Augment, build_dataset, normalize, random_crop_flip
 from ccar.engine.config import load_config
+from ccar.engine.packed import PackedModels, PackedStep, StackedSGD
 from ccar.engine.train import train
+from ccar.losses import build_loss
 from ccar.models import build_model
+from _smoke import CONFIGS, parse_args
 
-MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+AUGMENT = Augment(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), crop_padding=4, flip=True)
 
 
 def synthetic_cifar100(root: Path, per_class: int) -> Path:
@@ -49,127 +56,220 @@ def synthetic_cifar100(root: Path, per_class: int) -> Path:
     return root
 
 
-def ccar_run(root: str, out: str, epochs: int, device: str, compile_: bool, imbalance: int, threads: int = 0) -> dict:
+def scaled_schedule(epochs: int) -> tuple:
+    """The recipe's warm-up and lr milestones (5; 160, 180 of 200 epochs) at ``epochs``: milestones at 80 % and 90 %,
+    distinct and within 1..epochs (the config's rule); warm-up at most a tenth of the run, so it ends before the
+    first decay.
+
+    >>> scaled_schedule(200), scaled_schedule(10), scaled_schedule(2), scaled_schedule(1)
+    ((5, [160, 180]), (1, [8, 9]), (0, [1, 2]), (0, [1]))
+    """
+    first = min(max(1, round(0.8 * epochs)), max(1, epochs - 1))  # below the last epoch, to leave room for the second
+    second = min(max(first + 1, round(0.9 * epochs)), epochs)
+    return min(5, epochs // 10), sorted({first, second})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Batches:
+    """Random batches of the resident training set with ccar's batched crop and flip, drawn on the device."""
+
+    def __init__(self, images, targets, batch: int, device: torch.device, seed: int = 0, channels_last: bool = True):
+        self.images, self.targets, self.batch, self.device = images.to(device), targets.to(device), batch, device
+        self.channels_last = channels_last
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def next(self):
+        idx = torch.randint(0, len(self.targets), (self.batch,), device=self.device, generator=self.generator)
+        x = random_crop_flip(self.images[idx], AUGMENT.crop_padding, True, self.generator)
+        return normalize(x, AUGMENT, channels_last=self.channels_last), self.targets[idx]
+
+
+def _timed(step, batches, steps: int, warmup: int, device: torch.device, images_per_step: int) -> float:
+    for _ in range(warmup):
+        step(*batches.next())
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*batches.next())
+    _sync(device)
+    return steps * images_per_step / (time.perf_counter() - start)
+
+
+def captured(step, example, device: torch.device, warmup: int = 3):
+    """``step(x, y)`` as a CUDA graph: warmed up on a side stream, captured once, then replayed on copies."""
+    static = [t.clone() for t in example]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(*static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(*static)
+
+    def replay(*inputs):
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+
+    return replay
+
+
+def bare_throughput(data, device, depth: int, steps: int, graph: bool, batch: int = 128) -> float:
+    """A bare PyTorch loop over the same data and augmentation: bf16 autocast, channels-last, CE, SGD."""
+    torch.manual_seed(0)
+    model = build_model("resnet32", 100, (3, 32, 32), depth=depth).to(device, memory_format=torch.channels_last)
+    lr = torch.tensor(0.1, device=device) if graph else 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=2e-4, **({"fused": True} if graph else {}))
+    model.train()
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=not graph)
+        loss.backward()
+        opt.step()
+
+    batches = Batches(*data, batch, device)
+    if graph:
+        opt.zero_grad(set_to_none=True)
+        step = captured(step, batches.next(), device)
+    return _timed(step, batches, steps, 5, device, batch)
+
+
+def packed_throughput(data, device, depth: int, k: int, steps: int, graph: bool, batch: int = 128) -> float:
+    """K ResNet-32s as one program (each its own batch, loss and lr), aggregate images/s."""
+    torch.manual_seed(0)
+    models = [build_model("resnet32", 100, (3, 32, 32), depth=depth) for _ in range(k)]
+    packed = PackedModels(models).to(device).train()
+    counts = torch.bincount(data[1], minlength=100).tolist()
+    losses = [build_loss("ce", counts) if i % 2 == 0 else build_loss("ccar", counts, base="la") for i in range(k)]
+    losses = [fn.to(device) for fn in losses]
+    for fn in losses:
+        fn.validate = False
+    opt = StackedSGD(packed.params, [0.1 * (1 + i / k) for i in range(k)], [0.9] * k, [2e-4] * k)
+    packed_step = PackedStep(packed, losses, opt)
+    cells = [Batches(*data, batch, device, seed=i, channels_last=False) for i in range(k)]  # (stacked: K, B, C, H, W)
+
+    class Stacked:
+        def next(self):
+            xs, ys = zip(*(c.next() for c in cells))
+            return torch.stack(xs), torch.stack(ys)
+
+    def step(xs, ys):  # float32 (TF32 convolutions): vmap's BatchNorm rule wants stats in its input's dtype
+        packed_step(xs, ys)
+
+    batches = Stacked()
+    if graph:
+        step = captured(step, batches.next(), device)
+    return _timed(step, batches, steps, 3, device, k * batch)
+
+
+def ccar_run(root: str, out: str, epochs: int, device: str, compile_: str, imbalance: int, depth: int) -> dict:
+    warmup, milestones = scaled_schedule(epochs)
     overrides = [f"data_root={root}", f"imbalance={imbalance}", f"epochs={epochs}", f"out={out}", f"device={device}",
-                 "progress=false", f"compile={str(compile_).lower()}", f"threads={threads}"]
-    if epochs < 5:
-        overrides.append("optim.warmup_epochs=0")
-    if device != "cpu":
-        overrides += ["channels_last=true", "amp=bf16"]
-    cfg = load_config("configs/cifar100-lt.yaml", overrides)
+                 "progress=false", f"compile={compile_}", f"model.depth={depth}", f"optim.warmup_epochs={warmup}",
+                 f"optim.milestones={milestones}"] + (["threads=1"] if device == "cpu" else [])
+    cfg = load_config(str(CONFIGS / "cifar100-lt.yaml"), overrides)
     start = time.perf_counter()
     metrics = train(cfg, log=lambda *_: None)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "images": sum(metrics["class_counts"]) * epochs, "top1": metrics["top1"]}
+    history = [__import__("json").loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    steady = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]  # (epoch 1: warm-up)
+    return {"seconds": seconds, "top1": metrics["top1"], "steady": float(np.median(steady)),
+            "first": history[0]["images_per_s"]}
 
 
-class _ReferenceDataset(torch.utils.data.Dataset):
-    def __init__(self, images: np.ndarray, targets: np.ndarray):
-        self.images, self.targets = images, targets
-        try:  # the reference repository's exact transforms where torchvision imports
-            import torchvision.transforms as T
-
-            self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-        except Exception:
-            self.transform = None
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        from PIL import Image, ImageOps
-
-        img = Image.fromarray(self.images[i].transpose(1, 2, 0))
-        if self.transform is not None:
-            return self.transform(img), int(self.targets[i])
-        padded = ImageOps.expand(img, border=4, fill=0)
-        x, y = np.random.randint(0, 9, 2)
-        img = padded.crop((x, y, x + 32, y + 32))
-        if np.random.rand() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = ((np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), int(self.targets[i])
+def arguments() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", help="folder holding cifar-100-python (else synthetic files of the same shape)")
+    p.add_argument("--epochs", type=int, default=200, help="the end-to-end recipe's epochs (0: skip it)")
+    p.add_argument("--ccar-epochs", type=int, default=4, help="epochs of the ccar throughput runs")
+    p.add_argument("--steps", type=int, default=300, help="timed steps of each bare loop")
+    p.add_argument("--packs", default="1,4,16", help="pack sizes K")
+    p.add_argument("--pack-steps", type=int, default=40)
+    p.add_argument("--only", default="", help="comma-separated sections to run: 1, 2, 3 (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--per-class", type=int, default=500, help="synthetic data: training images per class")
+    p.add_argument("--imbalance", type=int, default=100)
+    p.add_argument("--depth", type=int, default=32, help="ResNet depth (32: the recipe's ResNet-32)")
+    return parse_args(p, dict(device="cpu", per_class=10, imbalance=10, depth=8, epochs=2, ccar_epochs=2, steps=3,
+                              packs="1,2", pack_steps=2))
 
 
-def reference_run(root: str, epochs: int, device: str, workers: int, imbalance: int) -> dict:
-    data = build_dataset("cifar100-lt", root, imbalance)
-    images, targets = data.train[0].numpy(), data.train[1].numpy()
-    loader = torch.utils.data.DataLoader(_ReferenceDataset(images, targets), batch_size=128, shuffle=True,
-                                         num_workers=workers, pin_memory=device != "cpu", persistent_workers=workers > 0)
-    dev = torch.device(device)
-    model = build_model("resnet32", 100, (3, 32, 32)).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-    start = time.perf_counter()
-    seen = 0
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen += len(y)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start, "images": seen}
+def attempt(label: str, measure, *args, **kwargs):
+    """``measure(*args)``, or None with the error printed: one failing row does not lose the others (a lent GPU's
+    minutes are few)."""
+    try:
+        return measure(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (reported, then the next row)
+        print(f"  {label}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", flush=True)
+        return None
 
 
-def _concurrent_worker(args):
-    return ccar_run(*args)
-
-
-def concurrency(root: str, tmp: Path, n: int, epochs: int, device: str, imbalance: int) -> tuple:
-    """Aggregate images/s of ``n`` runs at once against one run alone (same size, same device)."""
-    threads = 0 if device != "cpu" else 1
-    one = ccar_run(root, str(tmp / "c1"), epochs, device, False, imbalance, threads)
-    ctx = mp.get_context("spawn")
-    start = time.perf_counter()
-    with ctx.Pool(n) as pool:
-        many = pool.map(_concurrent_worker, [(root, str(tmp / f"c{n}-{i}"), epochs, device, False, imbalance, threads)
-                                             for i in range(n)])
-    wall = time.perf_counter() - start
-    return one["images"] / one["seconds"], sum(r["images"] for r in many) / wall
+def _row(name: str, value: float, ref: float = None, note: str = "") -> None:
+    if value is None:
+        return
+    ratio = f"{value / ref:6.2f}x" if ref else ""
+    print(f"  {name:<44}{value:>12,.0f} {ratio:>7}  {note}", flush=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", help="folder holding cifar-100-python (else synthetic files of the same shape)")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--reference-epochs", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (static shapes)")
-    p.add_argument("--workers", type=int, default=8, help="reference DataLoader workers")
-    p.add_argument("--concurrent", type=int, default=4)
-    p.add_argument("--concurrent-epochs", type=int, default=5)
-    p.add_argument("--small", action="store_true", help="CPU-sized: 50 images per class, 1 epoch, 2 concurrent runs")
-    args = p.parse_args()
-    per_class, imbalance = 500, 100
-    if args.small:  # 50 images per class: imbalance 10 keeps every class
-        per_class, imbalance, args.epochs, args.reference_epochs = 50, 10, 1, 1
-        args.concurrent, args.concurrent_epochs, args.workers = 2, 1, 2
-    tmp = Path(tempfile.mkdtemp(prefix="ccar-bench-"))
-    if args.data_root and (Path(args.data_root) / "cifar-100-python").is_dir():
-        root, source = args.data_root, "real CIFAR-100"
-    else:
-        root, source = str(synthetic_cifar100(tmp / "data", per_class)), f"synthetic CIFAR-100 ({per_class}/class)"
-    device = args.device
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
-    print(f"{source}, imbalance {imbalance}; device {device} ({gpu}); torch {torch.__version__}; "
-          f"compile={args.compile}", flush=True)
-    ccar = ccar_run(root, str(tmp / "ccar"), args.epochs, device, args.compile, imbalance)
-    ref = reference_run(root, args.reference_epochs, device, args.workers, imbalance)
-    ccar_ips, ref_ips = ccar["images"] / ccar["seconds"], ref["images"] / ref["seconds"]
-    print(f"{'pipeline':<40}{'images/s':>12}{'total s':>10}")
-    print(f"{'ccar, end to end, ' + str(args.epochs) + ' epochs':<40}{ccar_ips:>12,.0f}{ccar['seconds']:>10.1f}")
-    print(f"{'reference, ' + str(args.reference_epochs) + ' epochs (total projected)':<40}{ref_ips:>12,.0f}"
-          f"{ccar['images'] / ref_ips:>10.1f}")
-    print(f"speed-up ccar / reference: {ccar_ips / ref_ips:.2f}x   (ccar test top-1 after {args.epochs} epochs: "
-          f"{ccar['top1']:.1f}%)")
-    if args.concurrent > 1:
-        one, many = concurrency(root, tmp, args.concurrent, args.concurrent_epochs, device, imbalance)
-        print(f"{args.concurrent} concurrent runs: {many:,.0f} images/s in aggregate vs {one:,.0f} for one run "
-              f"alone ({many / one:.2f}x)")
+    args = arguments()
+    device, gpu = torch.device(args.device), args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory(prefix="ccar-bench-") as tmp_name:  # the synthetic files are 150 MB at full size
+        tmp = Path(tmp_name)
+        if args.data_root and (Path(args.data_root) / "cifar-100-python").is_dir():
+            root, source = args.data_root, "real CIFAR-100"
+        else:
+            root, source = str(synthetic_cifar100(tmp / "data", args.per_class)), f"synthetic CIFAR-100 ({args.per_class}/class)"
+        data = build_dataset("cifar100-lt", root, args.imbalance).train
+        name = torch.cuda.get_device_name(device) if gpu else "CPU"
+        print(f"{source}, imbalance {args.imbalance} ({len(data[1]):,} training images); ResNet-{args.depth}, batch "
+              f"128; device {args.device} ({name}); torch {torch.__version__}", flush=True)
+        if args.only and "1" not in args.only.split(","):
+            bare = graph = None
+        else:
+            bare, graph = _section_one(args, data, device, gpu, root, tmp)
+        if not args.only or "2" in args.only.split(","):
+            _section_two(args, data, device, gpu)
+        if args.epochs and (not args.only or "3" in args.only.split(",")):
+            run = attempt("recipe", ccar_run, root, str(tmp / "recipe"), args.epochs, args.device, "auto",
+                          args.imbalance, args.depth)
+            if run:
+                print(f"3. the {args.epochs}-epoch recipe end to end (ccar train, compile=auto): {run['seconds']:.1f} "
+                      f"s, {run['steady']:,.0f} images/s in its epochs, test top-1 {run['top1']:.1f}%")
+
+
+def _section_one(args, data, device, gpu, root, tmp):
+    print("1. step throughput, images/s (steady state; ratio: to the bare CUDA-graph loop)")
+    bare = attempt("bare eager", bare_throughput, data, device, args.depth, args.steps, graph=False)
+    graph = attempt("bare graph", bare_throughput, data, device, args.depth, args.steps, graph=True) if gpu else None
+    _row("bare PyTorch loop, eager", bare, graph)
+    if graph:
+        _row("bare PyTorch loop, one CUDA graph per step", graph, graph)
+    elif not gpu:
+        print("  bare PyTorch loop, one CUDA graph per step: needs a GPU")
+    for mode, label in (("false", "ccar train, eager (compile=false)"), ("auto", "ccar train, compile=auto")):
+        run = attempt(label, ccar_run, root, str(tmp / f"ccar-{mode}"), args.ccar_epochs, args.device, mode,
+                      args.imbalance, args.depth)
+        if run:
+            _row(label, run["steady"], graph, f"(first epoch {run['first']:,.0f}, warm-up and capture)")
+    return bare, graph
+
+
+def _section_two(args, data, device, gpu):
+    print("2. packed cells (own batch, loss and lr each; float32), aggregate images/s (ratio: to K = 1)")
+    one = None
+    for k in [int(v) for v in args.packs.split(",")]:
+        ips = attempt(f"K = {k}", packed_throughput, data, device, args.depth, k, args.pack_steps, graph=gpu)
+        one = one or ips
+        _row(f"K = {k:>2}{', one CUDA graph' if gpu else ', eager (CPU)'}", ips, one)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ COUNTS = [40, 20, 10]
 def tiny_run(*overrides, model=None):
     torch.manual_seed(0)
     cfg = load_config(None, ["optim.weight_decay=0", "optim.momentum=0", *overrides])
-    data = SimpleNamespace(class_counts=COUNTS, input_shape=(4,), val=(torch.zeros(0, 4), torch.zeros(0)))
+    data = SimpleNamespace(class_counts=COUNTS, input_shape=(4,), val=(torch.zeros(0, 4), torch.zeros(0)),
+                           in_memory=True)
     model = model or nn.Sequential()
     if not hasattr(model, "fc"):
         model.fc = nn.Linear(4, 3)
@@ -155,3 +156,83 @@ def test_build_callbacks_fixes_the_order_and_adds_max_norm_only_when_set():
     assert names == ["LRSchedule", "NonFiniteLoss", "MaxNorm", "BestOnValidation", "Logging", "StopOnSignal",
                      "Checkpointing"]
     assert "MaxNorm" not in [type(c).__name__ for c in build_callbacks(load_config(None, []), "cpu")]
+
+
+# --- the captured step: what can be checked without a GPU ------------------------------------------------------
+
+
+class HostReads:
+    """Fails on every read of a tensor's value by the host (.item(), bool(), float(), .tolist(), .numpy()): each
+    would be a device synchronisation on a GPU, and is illegal while a CUDA graph is captured."""
+
+    NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def refuse(name):
+            def read(t, *a, **k):
+                raise AssertionError(f"host read Tensor.{name} inside the step")
+            return read
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("loss", [["loss.name=ccar", "loss.base=la"], ["loss.name=ccar", "loss.base=ldam"],
+                                  ["loss.name=cb-focal"], ["loss.name=ce", "loss.drw_epoch=1"], ["loss.name=las"],
+                                  ["loss.name=ccar", "loss.base=vs", "loss.normalize=batch"]])
+def test_the_plain_step_reads_nothing_back_to_the_host_so_a_cuda_graph_can_capture_it(loss):
+    run = tiny_run(*loss, "epochs=3")
+    loss_fn = build_loss(run.cfg.loss.name, COUNTS, **run.cfg.loss.options())
+    loss_fn.validate = False  # (as the engine builds it: labels were checked when the data was loaded)
+    step = build_step(run, sgd(run), loss_fn, steps_per_epoch=10)
+    with HostReads():
+        out = step(batch_of(8))
+    assert torch.isfinite(out.loss)
+
+
+def test_on_the_cpu_compile_auto_runs_eagerly_and_compile_graph_says_why_not():
+    from ccar import ConfigError
+    from ccar.engine.step import capture_blocker, step_summary, uses_graph
+
+    run = tiny_run()
+    assert run.cfg.compile == "auto" and not uses_graph(run)
+    assert capture_blocker(run) == "CUDA graphs need a GPU (device cpu)" and step_summary(run) == ""
+    assert isinstance(build_step(run, sgd(run), build_loss("ce", COUNTS), 4), PlainStep)
+    with pytest.raises(ConfigError, match="compile=graph: this run's step cannot be a CUDA graph: CUDA graphs need"):
+        uses_graph(tiny_run("compile=graph"))
+    gpu = Run(**{**tiny_run("mix=mixup").__dict__, "device": torch.device("cuda")})  # (no CUDA call is made)
+    assert capture_blocker(gpu).startswith("mix=mixup")
+
+
+def test_a_graph_safe_optimizer_keeps_its_lr_on_the_device_and_steps_like_the_plain_one(tmp_path):
+    from ccar.engine import checkpoint as ckpt
+    from ccar.engine.train import build_optimizer
+
+    knobs = ("optim.backbone_lr=0.02", "optim.nesterov=true", "optim.momentum=0.9", "optim.weight_decay=0.01")
+    plain, safe = tiny_run(*knobs), tiny_run(*knobs)
+    a, b = build_optimizer(plain.model, plain.cfg.optim), build_optimizer(safe.model, safe.cfg.optim, graph_safe=True)
+    assert all(torch.is_tensor(g["lr"]) and g["fused"] for g in b.param_groups)
+    for index in range(3):
+        for run, opt in ((plain, a), (safe, b)):
+            LRSchedule().on_step_start(SimpleNamespace(run=run, steps=3, state=SimpleNamespace(epoch=0, lr=0.0),
+                                                       step=SimpleNamespace(optimizer=opt)), index)
+            opt.zero_grad()
+            nn.functional.cross_entropy(run.model(batch_of(8, seed=index).x), batch_of(8, seed=index).y).backward()
+            opt.step()
+    assert [float(g["lr"]) for g in b.param_groups] == pytest.approx([g["lr"] for g in a.param_groups])
+    assert torch.allclose(plain.model.fc.weight, safe.model.fc.weight, atol=1e-6)
+    path = tmp_path / "c.safetensors"  # a checkpoint stores the lr as a number; a graph-safe optimizer keeps tensors
+    ckpt.save_checkpoint(path, safe.model.state_dict(), b, None, {"epoch": 0})
+    tensors, _, opt_meta = ckpt.read_checkpoint(path)
+    lr_tensor = b.param_groups[0]["lr"]
+    lr_tensor.fill_(9.0)
+    ckpt.restore_optimizer(b, tensors, opt_meta)
+    assert b.param_groups[0]["lr"] is lr_tensor and float(lr_tensor) == pytest.approx(a.param_groups[0]["lr"])
+    assert b.param_groups[0]["fused"]

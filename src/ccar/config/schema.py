@@ -23,9 +23,10 @@ FINETUNE_MODES = ("full", "linear", "bias", "lora")  # ccar.engine.finetune
 SAM_SCOPES = ("all", "tail")  # ccar.engine.sam
 SCHEDULES = ("cosine", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adamw")
+COMPILE_MODES = ("auto", "graph", "true", "false")
 MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
 
-__all__ = ["AMP_MODES", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
+__all__ = ["AMP_MODES", "COMPILE_MODES", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
            "POLICIES", "SAMPLERS", "MAX_SEED", "LossConfig", "ModelConfig", "LoraOptions", "HeadInit", "AugmentConfig",
            "OptimConfig", "TrainConfig", "to_dict"]
 
@@ -135,7 +136,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off), bf16, fp16, off
     channels_last: str = "auto"  # auto (on for convolutional models on image data), true, false
-    compile: bool = False
+    compile: str = "auto"  # auto: the step as a CUDA graph where the run allows it, else eager; graph: the same or
+    # an error saying why not; true: torch.compile; false: eager (ccar.engine.step)
     deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
     threads: int = 0  # CPU threads (0: torch's default)
     resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from ..errors import ConfigError
-from .schema import (AMP_MODES, FINETUNE_MODES, MAX_SEED, MIX_MODES, POLICIES, RETRAIN_METHODS, SAM_SCOPES,
+from .schema import (AMP_MODES, COMPILE_MODES, FINETUNE_MODES, MAX_SEED, MIX_MODES, POLICIES, RETRAIN_METHODS, SAM_SCOPES,
                      SAMPLERS, TrainConfig)
 
 
@@ -34,6 +34,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def _schedule_and_recipes(cfg: TrainConfig) -> None:
     _check(cfg.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", cfg.amp)
     _check(cfg.channels_last in ("auto", "true", "false"), "channels_last", "auto, true or false", cfg.channels_last)
+    _check(cfg.compile in COMPILE_MODES, "compile", "auto (a CUDA graph of the step where possible), graph, true "
+           "(torch.compile) or false", cfg.compile)
     _check(cfg.epochs >= 1, "epochs", "an integer >= 1", cfg.epochs)
     _check(cfg.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", cfg.sampler)
     _check(0 <= cfg.sampler_epoch < cfg.epochs, "sampler_epoch", f"an epoch in 0..{cfg.epochs - 1}", cfg.sampler_epoch)

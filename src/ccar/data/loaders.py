@@ -100,7 +100,9 @@ class DeviceLoader:
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
         self.device = torch.device(device)
-        self.generator = torch.Generator(device="cpu")
+        # The augmentation draws: on a GPU, drawn there (a CPU draw copied over each batch would make the host wait
+        # for the device every step); on the CPU, the CPU's generator, as always.
+        self.generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
         self.start, self.start_state = 0, None
 
     def set_epoch(self, epoch: int) -> None:

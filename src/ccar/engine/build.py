@@ -153,7 +153,7 @@ def make_loaders(data: LongTailData, cfg: TrainConfig, device: torch.device, ctx
                     f"{free / 2**30:.2f} GiB are free; set resident=false to stream batches from host memory"
                 )
         # torch.compile wants static shapes: drop the last partial batch instead of recompiling for it.
-        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, drop_last=cfg.compile, seed=cfg.seed,
+        train = DeviceLoader(*data.train, bs, data.augment, shuffle=True, drop_last=cfg.compile == "true", seed=cfg.seed,
                              device=storage, rank=ctx.rank, world_size=ctx.world_size, sampler=cfg.sampler,
                              sampler_epoch=cfg.sampler_epoch, epochs=cfg.epochs)
 

@@ -50,7 +50,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torc
                 tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 plain[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "plain": plain}  # (a CUDA graph's lr is a tensor: stored as a number)
 
 
 def _restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
@@ -62,7 +63,20 @@ def _restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[s
     for key, value in meta["plain"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
+    # How this optimizer computes (a CUDA graph's: fused, its lr a device tensor) is this run's choice, not the
+    # checkpoint's: kept; the values come from the checkpoint.
+    kept = [{k: g[k] for k in ("lr", "fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for p, entries in optimizer.state.items():  # buffers in their parameter's layout (channels-last): the fused
+        for name, value in entries.items():  # update needs equal strides; the values are the same either way
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                entries[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    for group, own in zip(optimizer.param_groups, kept):
+        lr = own.pop("lr")
+        group.update(own)
+        if torch.is_tensor(lr):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
 
 
 def save_checkpoint(path: Path, model_state: Dict[str, torch.Tensor], optimizer,

@@ -58,11 +58,12 @@ class Precision:
         """``bf16 autocast (native bf16 CPU)``, ``float32 (amp=off)``, ..."""
         return f"{self.name}{' autocast' if self.dtype is not None else ''} ({self.why})"
 
-    def autocast(self, device: torch.device):
-        """The context every forward pass of the run runs in (training, evaluation, features)."""
+    def autocast(self, device: torch.device, cache: bool = True):
+        """The context every forward pass of the run runs in (training, evaluation, features). ``cache=False`` for
+        CUDA graph capture, which autocast's cache of cast weights would break."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
+        return torch.autocast(device.type, dtype=self.dtype, cache_enabled=cache)
 
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:

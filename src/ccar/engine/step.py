@@ -3,7 +3,10 @@
 - :class:`PlainStep`: one optimizer step per ``optim.accumulate`` batches (gradients stay local under DDP's
   ``no_sync`` between steps; the epoch's last group is scaled by its own size);
 - :class:`SAMStep`: SAM, ASAM and ImbSAM (:mod:`ccar.engine.sam`): the recipes that change how the gradient is
-  computed live here, as Lightning puts them into the optimizer's closure, not in callbacks.
+  computed live here, as Lightning puts them into the optimizer's closure, not in callbacks;
+- :class:`CapturedStep`: the plain step as one CUDA graph (``compile=auto|graph`` on a GPU): forward, every loss,
+  backward and the optimizer step replayed as a single launch, where a ResNet-32 step is otherwise a few hundred
+  tiny kernel launches. :func:`capture_blocker` says why a run cannot be captured.
 
 A :class:`Batch` carries its own per-sample loss (a mixed batch mixes the losses of its two labels), so mixing and
 SAM compose without the step knowing about either. A step reads nothing back from the device: what the loop needs
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -62,9 +66,16 @@ class Step:
         self.loss_fn, self.steps = loss_fn, steps_per_epoch
         loss_fn.reduction = "none"  # each sample's loss (ImbSAM splits them by class); the step's loss is their mean
 
+    overhead_seconds = 0.0  # set-up inside the epoch that is not training (CUDA graph capture)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.run.autocast():
             return self.net(x)
+
+    def take_overhead(self) -> float:
+        """Seconds of set-up since the last call (kept out of the epoch's images/s)."""
+        seconds, self.overhead_seconds = self.overhead_seconds, 0.0
+        return seconds
 
     def losses(self, batch: Batch) -> torch.Tensor:
         """A fresh forward pass's per-sample losses at the current weights (SAM's second pass)."""
@@ -117,6 +128,84 @@ class SAMStep(Step):
         return StepOutput(loss.detach(), logits.detach(), True)
 
 
+class CapturedStep(PlainStep):
+    """:class:`PlainStep` (one batch per optimizer step) as a CUDA graph. Every full batch replays the graph: its
+    inputs are copied into the graph's static buffers, and the loss and logits come back in the graph's static
+    outputs. The first ``warmup`` full batches run eagerly on a side stream (cuDNN autotuning, workspaces: real
+    training steps), the next is captured, then replayed; the epoch's last partial batch runs eagerly on the same
+    weights and optimizer state, so no sample is dropped. A loss that changes during training (DRW at its epoch) is
+    captured again. Needs an optimizer whose learning rate is a device tensor (:func:`ccar.engine.train.
+    build_optimizer` with ``graph_safe``)."""
+
+    def __init__(self, *args, warmup: int = 3, **kwargs):
+        super().__init__(*args, accumulate=1, **kwargs)
+        self.warmup, self.warm, self.graph, self.key = warmup, 0, None, None
+        self.captures = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.run.precision.autocast(self.run.device, cache=False):
+            return self.net(x)
+
+    def __call__(self, batch: Batch) -> StepOutput:
+        key = getattr(self.loss_fn, "drw_active", None)  # what the loss computes now (baked into a graph)
+        if self.graph is not None and (key != self.key or batch.x.shape != self.static_x.shape):
+            if batch.x.shape == self.static_x.shape:  # the loss changed: capture again
+                self.graph = None
+            else:  # the epoch's last, partial batch
+                return super().__call__(batch)
+        if self.graph is None:
+            if self.warm < self.warmup:
+                self.warm += 1
+                return self._on_side_stream(batch)
+            self._capture(batch, key)
+        self.static_x.copy_(batch.x)
+        self.static_y.copy_(batch.y)
+        self.graph.replay()
+        return StepOutput(self.static_loss, self.static_logits, True)
+
+    def _on_side_stream(self, batch: Batch) -> StepOutput:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = PlainStep.__call__(self, batch)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, batch: Batch, key) -> None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        self.static_x, self.static_y, self.key = batch.x.clone(), batch.y.clone(), key
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it overwrites
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            logits = self.forward(self.static_x)
+            loss = self.loss_fn(logits, self.static_y).mean()
+            loss.backward()
+            self.optimizer.step()
+        self.static_loss, self.static_logits = loss.detach(), logits.detach()
+        torch.cuda.synchronize()
+        self.overhead_seconds += time.perf_counter() - started
+        self.captures += 1
+
+
+def capture_blocker(run: Run) -> Optional[str]:
+    """Why the run's step cannot be one CUDA graph (None: it can): the step must be a plain one, on one CUDA device,
+    over batches of a fixed shape that live on the device, and free of host synchronisation."""
+    cfg = run.cfg
+    reasons = [  # (checked in this order: the first that holds is the reason)
+        (lambda: run.device.type != "cuda", f"CUDA graphs need a GPU (device {run.device.type})"),
+        (lambda: cfg.compile == "true", "compile=true asks for torch.compile instead"),
+        (lambda: run.dist.enabled, "torchrun: DDP's gradient buckets are not captured"),
+        (lambda: bool(cfg.optim.sam), "optim.sam: SAM's two passes are not captured"),
+        (lambda: cfg.optim.accumulate > 1, "optim.accumulate > 1"),
+        (lambda: cfg.mix != "none", f"mix={cfg.mix}: the mixing draws on the host each batch"),
+        (lambda: not (run.data.in_memory and cfg.resident), "the data streams from host memory (resident=false or "
+                                                            "files)"),
+        (lambda: not any(p.requires_grad for p in run.model.parameters()), "nothing trains"),
+    ]
+    return next((why for blocked, why in reasons if blocked()), None)
+
+
 def tail_mask(counts: Sequence[int], o: OptimConfig, device: torch.device) -> Optional[torch.Tensor]:
     """ImbSAM's tail classes as a boolean per class (None unless ``optim.sam_scope=tail``)."""
     if not o.sam or o.sam_scope != "tail":
@@ -140,8 +229,11 @@ def wrap_for_training(run: Run) -> nn.Module:
 
 
 def build_step(run: Run, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, steps_per_epoch: int) -> Step:
-    """The run's kind of step: :class:`SAMStep` with ``optim.sam``, else :class:`PlainStep`."""
+    """The run's kind of step: :class:`SAMStep` with ``optim.sam``, :class:`CapturedStep` where the run can be
+    captured and ``compile`` is auto or graph, else :class:`PlainStep`."""
     o, net = run.cfg.optim, wrap_for_training(run)
+    if uses_graph(run):
+        return CapturedStep(run, net, optimizer, loss_fn, steps_per_epoch)
     if o.sam:
         sam = SAM(run.model.parameters(), o.sam, o.sam_adaptive)
         return SAMStep(run, net, optimizer, loss_fn, steps_per_epoch, sam=sam,
@@ -149,4 +241,29 @@ def build_step(run: Run, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, s
     return PlainStep(run, net, optimizer, loss_fn, steps_per_epoch, accumulate=o.accumulate)
 
 
-__all__ = ["Batch", "StepOutput", "Step", "PlainStep", "SAMStep", "build_step", "tail_mask", "wrap_for_training"]
+def uses_graph(run: Run) -> bool:
+    """Whether the run's step is a CUDA graph: ``compile=auto`` where :func:`capture_blocker` finds nothing in the
+    way; ``compile=graph`` the same, or an error saying why not."""
+    if run.cfg.compile not in ("auto", "graph"):
+        return False
+    why = capture_blocker(run)
+    if why is not None and run.cfg.compile == "graph":
+        raise ConfigError(f"compile=graph: this run's step cannot be a CUDA graph: {why}; use compile=auto (eager "
+                          f"where it cannot) or compile=false")
+    return why is None
+
+
+def step_summary(run: Run) -> str:
+    """One line on how the step runs, for the run's summary ('' for the plain default on the CPU)."""
+    if run.cfg.compile == "true":
+        return "step: torch.compile (compile=true)"
+    if run.cfg.compile == "false":
+        return "step: eager (compile=false)" if run.device.type == "cuda" else ""
+    why = capture_blocker(run)
+    if why is None:
+        return "step: one CUDA graph (compile=auto): forward, loss, backward and optimizer step replayed as one launch"
+    return f"step: eager ({why})" if run.device.type == "cuda" else ""
+
+
+__all__ = ["Batch", "StepOutput", "Step", "PlainStep", "SAMStep", "CapturedStep", "build_step", "capture_blocker",
+           "step_summary", "tail_mask", "uses_graph", "wrap_for_training"]

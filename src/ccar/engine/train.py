@@ -23,15 +23,16 @@ from .run import Run
 from .run_folder import claim, read_resume_checkpoint, write_run_files
 from .runtime import resolve_device
 from .sam import optimizer_summary
-from .step import Step, build_step
+from .step import Step, build_step, step_summary
 from .trainer import Trainer, TrainState
 from .transforms import build_transforms
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, o: OptimConfig, graph_safe: bool = False) -> torch.optim.Optimizer:
     """SGD or AdamW over the trainable parameters; no weight decay on BatchNorm and bias parameters (standard for
     the CIFAR-LT recipes' ResNets too). ``optim.backbone_lr``: everything but the classifier at its own rate (each
-    group's ``lr_scale`` times the schedule's lr)."""
+    group's ``lr_scale`` times the schedule's lr). ``graph_safe``: for a CUDA graph, each group's learning rate is
+    a device tensor that the schedule fills in place, and the update a fused kernel that reads it there."""
     head = classifier_name(model) + "."
     parts = [(1.0, [p for p in model.parameters() if p.requires_grad])]
     if o.backbone_lr is not None:
@@ -40,10 +41,15 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
                  (1.0, [p for n, p in trainable if n.startswith(head)])]
     groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "weight_decay": o.weight_decay if decay else 0.0,
                "lr_scale": scale} for scale, params in parts for decay in (True, False)]
+    if graph_safe:
+        device = next(p.device for _, params in parts for p in params)
+        for group in groups:
+            group["lr"] = torch.tensor(o.lr, device=device)
+    fused = {"fused": True} if graph_safe else {}
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
+        return torch.optim.AdamW(groups, lr=o.lr, **fused)
     raise ConfigError(f"optim.name must be sgd or adamw; got {o.name!r}")
 
 
@@ -78,6 +84,8 @@ def summary(run: Run, step: Step, saved) -> str:
              f"{f' x{run.dist.world_size}' if run.dist.enabled else ''}, run folder {run.run_dir}"]
     if cfg.optim.accumulate > 1 or cfg.optim.sam:
         lines.append(optimizer_summary(cfg.optim, run.dist.world_size, getattr(step, "tail", None)))
+    if step_summary(run):
+        lines.append(step_summary(run))
     policy = batch_policy(cfg.augment)
     if policy is not None:
         lines.append(f"augmentation policy: {policy.describe()} (each training batch, after the crop and flip)")
@@ -99,11 +107,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
     run, loader = assemble(cfg, data, dist, device, log, resumed=saved is not None)
     loss_fn = build_loss(cfg.loss.name, data.class_counts, **cfg.loss.options()).to(device)
     loss_fn.validate = False  # labels were range-checked when the data was loaded: no host sync per step
-    optimizer = build_optimizer(run.model, cfg.optim)
     if dist.is_main:
         write_run_files(run)
     if uses_cache(cfg):  # a frozen backbone: its features once, then the classifier alone trains on them
         run, loader = with_feature_cache(run)
+    optimizer = build_optimizer(run.model, cfg.optim, graph_safe=device.type == "cuda")  # (eager and graph alike)
     step = build_step(run, optimizer, loss_fn, len(loader))
     state = TrainState.restore(saved, run.model, optimizer, cfg.finetune) if saved is not None else TrainState()
     if cfg.retrain == "ncm":  # nearest class mean: nothing to train, the classifier is the training set's means

@@ -126,7 +126,7 @@ class Trainer:
     def _end_epoch(self) -> Dict[str, object]:
         run, state = self.run, self.state
         run.dist.all_reduce_sum(state.totals)
-        train_seconds = time.perf_counter() - state.epoch_started
+        train_seconds = time.perf_counter() - state.epoch_started - self.step.take_overhead()  # (graph capture)
         if split_size(run.data.val):
             val = evaluate_split(run, run.data.val, shifts=False)
         else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ...config import OptimConfig
 from ...errors import ConfigError
 from .base import Callback
@@ -36,4 +38,8 @@ class LRSchedule(Callback):
         cfg, state = trainer.run.cfg, trainer.state
         state.lr = lr_at(cfg.optim, cfg.epochs, state.epoch + (index + 1) / trainer.steps)
         for group in trainer.step.optimizer.param_groups:
-            group["lr"] = state.lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
+            lr = state.lr * group.get("lr_scale", 1.0)  # checkpoints before backbone_lr have none
+            if torch.is_tensor(group["lr"]):  # a CUDA graph's optimizer reads it on the device
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
