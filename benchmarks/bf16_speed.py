@@ -3,10 +3,11 @@ channels-last) of the default CNN and of ResNet-32, and the default job end to e
 (and ``amp=bf16`` where the CPU has native bf16). The header says what oneDNN reports about bf16 here and what
 ``amp=auto`` therefore chooses.
 
-    python benchmarks/bf16_speed.py [--epochs 15] [--rounds 2] [--threads 2] [--steps 10]
+    python benchmarks/bf16_speed.py [--epochs 15] [--rounds 2] [--threads 2] [--steps 10] [--batch 128] [--smoke]
 
 On a CPU without native bf16 the bf16 step is a measurement of PyTorch's fallback kernels, and the end-to-end rows
 show that ``auto`` stays float32 and costs nothing; the bf16 job is skipped there (~10x slower) unless ``--all``.
+``--smoke``: batch 8, one step, one round, one epoch on generated Fashion-MNIST files; checks that the script works.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ccar.engine.setup import amp_dtype, native_bf16_cpu
 from ccar.engine.train import train
 from ccar.losses import build_loss
 from ccar.models import build_model
+from _smoke import CONFIGS, parse_args, tiny_fashion_mnist
 
 
 def step_times(name: str, shape, batch: int, steps: int, rounds: int) -> dict:
@@ -52,9 +54,9 @@ def step_times(name: str, shape, batch: int, steps: int, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def job(amp: str, epochs: int, threads: int, out: Path) -> dict:
-    cfg = load_config("configs/default.yaml", [f"amp={amp}", f"epochs={epochs}", f"out={out}", "progress=false",
-                                               f"threads={threads}"])
+def job(amp: str, epochs: int, threads: int, out: Path, data: tuple = ()) -> dict:
+    cfg = load_config(str(CONFIGS / "default.yaml"), [f"amp={amp}", f"epochs={epochs}", f"out={out}", "progress=false",
+                                                      f"threads={threads}", *data])
     start = time.perf_counter()
     metrics = train(cfg, log=lambda *_: None)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -69,7 +71,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per precision and round")
     parser.add_argument("--all", action="store_true", help="run the bf16 job even without native bf16")
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=128, help="batch of the one-step timings")
+    parser.add_argument("--tiny-data", action="store_true", help="the job on generated Fashion-MNIST files (20/class)")
+    args = parse_args(parser, dict(epochs=1, rounds=1, threads=1, steps=1, batch=8, tiny_data=True))
     torch.set_num_threads(args.threads)
     native = native_bf16_cpu()
     auto = amp_dtype("auto", torch.device("cpu"))
@@ -77,17 +81,19 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 (oneDNN): {native} -> amp=auto is "
           f"{'bf16' if auto == torch.bfloat16 else 'float32'} here")
     print("one training step (forward, CCAR(LA), backward, SGD), channels-last, median:")
-    for name, shape, batch in (("cnn", (1, 28, 28), 128), ("resnet32", (3, 32, 32), 128)):
-        t = step_times(name, shape, batch, args.steps, args.rounds)
-        print(f"  {name:9s} {str(shape):12s} batch {batch}: float32 {1e3 * t['float32']:7.1f} ms, "
+    for name, shape in (("cnn", (1, 28, 28)), ("resnet32", (3, 32, 32))):
+        t = step_times(name, shape, args.batch, args.steps, args.rounds)
+        print(f"  {name:9s} {str(shape):12s} batch {args.batch}: float32 {1e3 * t['float32']:7.1f} ms, "
               f"bf16 {1e3 * t['bf16']:7.1f} ms -> bf16 is {t['float32'] / t['bf16']:.2f}x float32's speed")
     modes = ["off", "auto"] + (["bf16"] if native or args.all else [])
     print(f"the default job end to end ({args.epochs} epochs), {args.rounds} rounds, precisions alternating:")
     results = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
+        # generated files hold 20 images per class: at the default imbalance (100) the tail class would be empty
+        data = (f"data_root={tiny_fashion_mnist(Path(tmp) / 'data')}", "imbalance=10") if args.tiny_data else ()
         for r in range(args.rounds):
             for mode in modes:
-                res = job(mode, args.epochs, args.threads, Path(tmp) / f"{mode}-{r}")
+                res = job(mode, args.epochs, args.threads, Path(tmp) / f"{mode}-{r}", data)
                 results[mode].append(res)
                 print(f"  round {r + 1} amp={mode:4s}: {res['wall']:6.1f} s, {res['ips']:7,.0f} img/s training, "
                       f"test top-1 {res['top1']:.2f}")

@@ -7,7 +7,7 @@ parser is a few times faster than the csv module, it is the reader most users al
 categorical and missing-value handling ccar needs (pyarrow's reader, not measured here, would add a second and larger
 dependency).
 
-    python benchmarks/csv_reader.py [--rows 1000000] [--rounds 3]
+    python benchmarks/csv_reader.py [--rows 1000000] [--rounds 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ccar.data.tabular import read_csv
+from _smoke import parse_args
 
 
 def handwritten_read_csv(path: Path):
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, dict(rows=2000, rounds=1))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.csv"
