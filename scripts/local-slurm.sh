@@ -8,12 +8,45 @@
 #
 # Needs root (munged and slurmd run as root here). State lives in $CCAR_SLURM_DIR (default /tmp/ccar-slurm).
 # Process tracking is proctrack/linuxproc and task/none, so no cgroups are needed (containers work).
+#
+# The node is a small cluster's node, not an idealised one: it declares the CPUs and memory this machine really gives
+# (an affinity mask or a cgroup quota counts), memory is a consumable resource (CR_Core_Memory, DefMemPerCPU) as on
+# most clusters, and a request larger than the node pends with reason PartitionConfig, as Slurm does there.
+# CCAR_SLURM_CPUS=N declares fewer CPUs than the machine has (a 2-CPU node on a big machine).
 set -euo pipefail
 DIR="${CCAR_SLURM_DIR:-/tmp/ccar-slurm}"
 CONF="$DIR/slurm.conf"
 HOST="$(hostname -s)"
 
 die() { echo "local-slurm: $*" >&2; exit 1; }
+
+machine_cpus() {  # the CPUs this process may use (not plain nproc: it follows OMP_NUM_THREADS)
+  local n quota period
+  n="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # the affinity mask
+  if [ -r /sys/fs/cgroup/cpu.max ]; then  # a cgroup v2 quota: "max 100000" or "200000 100000"
+    read -r quota period < /sys/fs/cgroup/cpu.max
+  elif [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then  # cgroup v1: -1 when unlimited
+    quota="$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)"; period="$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+  fi
+  if [ -n "${quota:-}" ] && [ "$quota" != max ] && [ "$quota" -gt 0 ]; then
+    quota=$(( (quota + period - 1) / period ))
+    [ "$quota" -lt "$n" ] && n="$quota"
+  fi
+  echo "$n"
+}
+
+machine_mem_mb() {  # nine tenths (the OS keeps some) of the memory this machine gives: MemTotal, or a lower cgroup limit
+  local bytes limit f
+  bytes=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 1024 ))  # (in the shell: mawk's integers stop at 2^31)
+  for f in /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes; do
+    if [ -r "$f" ]; then
+      limit="$(cat "$f")"
+      [ "$limit" != max ] && [ "$limit" -lt "$bytes" ] && bytes="$limit"
+      break
+    fi
+  done
+  echo $(( bytes / 1024 / 1024 * 9 / 10 ))
+}
 
 start() {
   for b in munged slurmctld slurmd srun; do
@@ -31,8 +64,10 @@ start() {
     munged --force
   fi
   local cpus mem
-  cpus="$(getconf _NPROCESSORS_ONLN)"  # (not nproc: it follows OMP_NUM_THREADS)
-  mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
+  cpus="${CCAR_SLURM_CPUS:-$(machine_cpus)}"
+  [ "$cpus" -ge 1 ] && [ "$cpus" -le "$(machine_cpus)" ] \
+    || die "CCAR_SLURM_CPUS=$cpus: give 1 to $(machine_cpus) (Slurm marks a node with more CPUs than it has INVAL)"
+  mem="$(machine_mem_mb)"
   cat > "$CONF" <<EOF
 ClusterName=ccar-local
 SlurmctldHost=$HOST
@@ -42,7 +77,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((mem / cpus))
 ReturnToService=2
 JobRequeue=1
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -59,7 +95,7 @@ EOF
   pgrep -f "slurmd -f $CONF" >/dev/null || slurmd -f "$CONF"
   for _ in $(seq 1 40); do
     if timeout 10 srun -N1 -t 1 hostname >/dev/null 2>&1; then
-      echo "local-slurm: up ($HOST, $cpus CPUs). Use it with: export SLURM_CONF=$CONF"
+      echo "local-slurm: up ($HOST, $cpus CPUs, $mem MB). Use it with: export SLURM_CONF=$CONF"
       return 0
     fi
     sleep 0.5

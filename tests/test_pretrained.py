@@ -169,6 +169,65 @@ def test_pretrained_errors_are_one_line(photos, tiny_vit, tmp_path, capsys):
         train(load_config(None, run_args(photos, tiny_vit, tmp_path / "r3", "finetune=lora", "lora.targets=[nope]")))
 
 
+def _no_backend(*args, **kwargs):
+    raise ImportError("")  # what transformers 5.17 raises without torchvision, less its message
+
+
+def test_preprocessing_is_read_without_building_an_image_processor(photos, tiny_vit, tmp_path, monkeypatch):
+    """transformers 5.17's AutoImageProcessor refuses to run without torchvision, 5.25's falls back to PIL: size,
+    mean and std come from the saved configuration, so no release's choice of backend can stop a run."""
+    from ccar.models.pretrained import Preprocessing, hf_preprocessing
+
+    try:
+        monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", _no_backend)
+    except ImportError:  # 5.17 without torchvision: the real one already refuses
+        pass
+    monkeypatch.setattr(transformers.ImageProcessingMixin, "__init__", _no_backend)
+    hf_preprocessing.cache_clear()  # an earlier test's answer would hide the path under test
+    out = tmp_path / "run"
+    train(load_config(None, run_args(photos, tiny_vit, out, "epochs=1", "finetune=linear")), log=lambda *_: None)
+    data = json.loads((out / "data.json").read_text())
+    assert data["image_size"] == 16 and data["mean"] == [0.4, 0.4, 0.4] and data["std"] == [0.3, 0.3, 0.3]
+    stats = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]}
+    for name, sizes, side in (("old", {"size": 24}, 24),  # a bare number, as older hub configurations say
+                              ("crop", {"size": {"shortest_edge": 20}, "crop_size": {"height": 16, "width": 16}}, 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "preprocessor_config.json").write_text(json.dumps({**sizes, **stats}))
+        assert hf_preprocessing(str(tmp_path / name)) == Preprocessing(side, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    (tmp_path / "nostd").mkdir()
+    (tmp_path / "nostd" / "preprocessor_config.json").write_text(json.dumps({"size": 24, "image_mean": [0.5] * 3}))
+    with pytest.raises(ConfigError, match="gives no image_std; add them to its preprocessor_config.json"):
+        hf_preprocessing(str(tmp_path / "nostd"))
+    (tmp_path / "empty").mkdir()  # no model at all, as an uncached hub id offline: not "has no image processor"
+    with pytest.raises(ConfigError, match="cannot load it"):
+        hf_preprocessing(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("error, shown", [
+    (ImportError(""), "(ImportError with no message); install it"),
+    (ImportError("\nViTModel requires the Torchvision library but it was not found in your environment."),
+     "(ImportError: ViTModel requires the Torchvision library"),
+    (ModuleNotFoundError("No module named 'timm'", name="timm"), "pip install timm")])
+def test_a_missing_package_is_named_not_an_empty_reason(photos, tiny_vit, tmp_path, monkeypatch, capsys, error,
+                                                        shown):
+    def missing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", missing)
+    assert main(["train", *run_args(photos, tiny_vit, tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a package transformers needs for this model is missing" in err and shown in err
+
+
+def test_a_tokenizer_without_its_package_is_not_called_missing(tmp_path, monkeypatch):
+    from ccar.models.pretrained import text_classifier
+
+    clip = tiny_clip(tmp_path / "clip")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _no_backend)
+    with pytest.raises(ConfigError, match="a package transformers needs for this model is missing"):
+        text_classifier(str(clip), ["ant", "bee"], "a {}.")
+
+
 def test_a_sweep_of_head_methods_over_a_pretrained_backbone(photos, tiny_vit, tmp_path):
     import yaml
 
@@ -221,7 +280,10 @@ def tiny_clip(folder):
     for ch in letters:
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # vocabulary files: the one tokenizer API 4.40 and 5.x share
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -62,11 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: a pool of --jobs processes here (default); slurm: one Slurm job per cell (submitit)")
     g = s.add_argument_group("slurm launcher (--launcher slurm; with it, --jobs caps the cells queued at once)")
     g.add_argument("--partition", help="Slurm partition (default: the cluster's default partition)")
-    g.add_argument("--time", type=int, default=None, metavar="MIN", help="time limit per job in minutes (default 60)")
-    g.add_argument("--cpus-per-run", type=int, default=None, metavar="N", help="CPUs per job (default 4)")
+    g.add_argument("--time", type=int, default=None, metavar="MIN",
+                   help="time limit per job in minutes (default 60, or the partition's limit if lower)")
+    g.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
+                   help="CPUs per job (default 4, or the CPUs of the partition's largest node if fewer)")
     g.add_argument("--gpus-per-run", type=int, default=None, metavar="K",
                    help="GPUs per job; K > 1 runs torchrun with K processes in it (default: the file's gpus_per_run)")
-    g.add_argument("--mem", help="memory per job, as sbatch takes it (e.g. 32G; default: the partition's)")
+    g.add_argument("--mem", help="memory per job, as sbatch takes it (e.g. 32G; default: the partition's); a request "
+                                 "that no node of the partition can hold is refused before anything is submitted")
     g.add_argument("--max-retries", type=int, default=None, metavar="N",
                    help="re-submissions of a cell whose job ended without its result (default 3)")
     g.add_argument("--poll", type=float, default=None, metavar="SEC", help="seconds between looks at the queue (10)")

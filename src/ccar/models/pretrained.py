@@ -38,10 +38,27 @@ def _transformers():
     return transformers
 
 
+def _reason(exc: Exception) -> str:
+    """The exception's type and first line that says something: transformers' missing-backend errors start with a
+    blank line, so a plain first line would be empty."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else f"{type(exc).__name__} with no message"
+
+
 def _not_found(source: str, exc: Exception) -> ConfigError:
-    return ConfigError(f"model.name=hf:{source}: cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+    return ConfigError(f"model.name=hf:{source}: cannot load it ({_reason(exc)}); "
                        f"give a local folder saved with save_pretrained, or fetch it once online "
                        f"(`huggingface-cli download {source}`) and run with HF_HUB_OFFLINE=1")
+
+
+def _load_error(source: str, exc: Exception) -> ConfigError:
+    """A missing package is not a missing model: say so, and which package where Python or transformers names it."""
+    if not isinstance(exc, ImportError):
+        return _not_found(source, exc)
+    name = getattr(exc, "name", None)  # set on ModuleNotFoundError; transformers' backend checks leave it None
+    fix = f"pip install {name}" if name else "install it and run again"
+    return ConfigError(f"model.name=hf:{source}: a package transformers needs for this model is missing "
+                       f"({_reason(exc)}); {fix}")
 
 
 def _side(size) -> int:
@@ -56,21 +73,39 @@ def _side(size) -> int:
     return 0
 
 
+def _processor_config(transformers, source: str) -> dict:
+    """The saved configuration of ``source``'s image processor (preprocessor_config.json, or the image processor
+    inside processor_config.json), read as data: building the processor object needs a backend that some
+    transformers releases insist on (5.17's ``AutoImageProcessor`` refuses to run without torchvision)."""
+    try:
+        config, _ = transformers.ImageProcessingMixin.get_image_processor_dict(source)
+        return config
+    except Exception as exc:  # OSError, ValueError from the hub client
+        failure = exc
+    try:  # offline, an uncached hub id fails above too: only a model that is there lacks its processor
+        from transformers.utils import cached_file
+
+        model_config = cached_file(source, "config.json")  # 5.x: None where 4.x raises OSError
+    except Exception as exc:
+        raise _load_error(source, exc) from exc
+    if model_config is None:
+        raise _not_found(source, OSError("no config.json there")) from failure
+    if isinstance(failure, OSError):
+        raise ConfigError(f"model.name=hf:{source} has no image processor (preprocessor_config.json); "
+                          f"a vision model saved with its image processor is needed") from failure
+    raise _load_error(source, failure) from failure
+
+
 @functools.lru_cache(maxsize=8)
 def hf_preprocessing(source: str) -> Preprocessing:  # read by the data and by the model: once per process
     """The input size, mean and std of ``source``'s image processor (its crop size when it has one)."""
-    transformers = _transformers()
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source)
-    except Exception as exc:  # OSError, ValueError, EnvironmentError from the hub client
-        if "preprocessor_config" in str(exc) or "image processor" in str(exc).lower():
-            raise ConfigError(f"model.name=hf:{source} has no image processor (preprocessor_config.json); "
-                              f"a vision model saved with its image processor is needed") from exc
-        raise _not_found(source, exc) from exc
-    size = _side(getattr(processor, "crop_size", None)) or _side(getattr(processor, "size", None))
-    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-    if not size or mean is None or std is None:
-        raise ConfigError(f"model.name=hf:{source}: its image processor gives no size, mean and std")
+    config = _processor_config(_transformers(), source)
+    size = _side(config.get("crop_size")) or _side(config.get("size"))
+    mean, std = config.get("image_mean"), config.get("image_std")
+    if not size or not mean or not std:
+        missing = [k for k, v in (("size", size), ("image_mean", mean), ("image_std", std)) if not v]
+        raise ConfigError(f"model.name=hf:{source}: its image processor gives no {', '.join(missing)}; "
+                          f"add them to its preprocessor_config.json")
     return Preprocessing(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
@@ -82,8 +117,8 @@ class HFBackbone(nn.Module):
         transformers = _transformers()
         try:
             model = transformers.AutoModel.from_pretrained(source)
-        except Exception as exc:  # OSError, ValueError, the hub client's errors
-            raise _not_found(source, exc) from exc
+        except Exception as exc:  # OSError, ValueError, the hub client's errors; ImportError for a missing backend
+            raise _load_error(source, exc) from exc
         # CLIP, SigLIP (image and text towers): the vision tower, and CLIP's projection into the shared space; the
         # features are then the L2-normalised image embeddings that zero-shot classification compares with text.
         self.joint = hasattr(model.config, "vision_config")
@@ -117,13 +152,15 @@ def text_classifier(source: str, class_names, prompt: str) -> Tuple[torch.Tensor
     transformers = _transformers()
     try:
         full = transformers.AutoModel.from_pretrained(source)
-    except Exception as exc:  # OSError, ValueError, the hub client's errors
-        raise _not_found(source, exc) from exc
+    except Exception as exc:  # OSError, ValueError, the hub client's errors; ImportError for a missing backend
+        raise _load_error(source, exc) from exc
     if not hasattr(full, "get_text_features"):
         raise ConfigError(f"head.init=text needs a model with a text tower (CLIP, SigLIP); hf:{source} is a "
                           f"{type(full).__name__} without one (use head.init=random)")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except ImportError as exc:  # a tokenizer that needs sentencepiece or tokenizers is there, its package is not
+        raise _load_error(source, exc) from exc
     except Exception as exc:
         raise ConfigError(f"head.init=text: hf:{source} has no tokenizer saved with it ({type(exc).__name__}); "
                           f"save the model's tokenizer in the same folder") from exc
