@@ -69,7 +69,7 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"  # auto (from the data: ccar.engine.setup.auto_model), resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
+    name: str = "auto"  # auto (from the data: ccar.engine.build.auto_model), resnet32, cnn, mlp, resnet50, resnext50, timm:<name>
     width: int = 16  # cnn
     depth: int = 32  # resnet_cifar
     hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
