@@ -148,7 +148,16 @@ def test_string_keys_take_yaml11_words_as_text(word, tmp_path):
     with pytest.raises(ConfigError, match=f"sampler must be one of instance, .*, got '{word}'"):
         load_config(str(tmp_path / "c.yaml"))
     if word.lower() in ("off", "on", "no", "yes"):
-        assert load_config(None, [f"compile={word}"]).compile is (word.lower() in ("on", "yes"))
+        assert load_config(None, [f"resident={word}"]).resident is (word.lower() in ("on", "yes"))
+
+
+def test_compile_takes_its_four_modes_and_the_booleans_of_older_configs(tmp_path):
+    assert load_config(None, []).compile == "auto"
+    (tmp_path / "c.yaml").write_text("compile: true\n")  # (a bool key once: true/false files keep their meaning)
+    assert load_config(str(tmp_path / "c.yaml")).compile == "true"
+    assert load_config(None, ["compile=false"]).compile == "false" and load_config(None, ["compile=graph"])
+    with pytest.raises(ConfigError, match="compile must be auto .*, got 'yes'"):
+        load_config(None, ["compile=yes"])
 
 
 def test_amp_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
