@@ -45,7 +45,8 @@ def test_a_linear_probe_on_cached_features_equals_the_probe_through_the_backbone
     cached, log = run(table, tmp_path / "cached", *common)  # cache_features=auto: on for finetune=linear
     assert "features: the frozen backbone ran once" in log
     assert same_weights(tmp_path / "through" / "last.safetensors", tmp_path / "cached" / "last.safetensors")
-    assert set(load_file(tmp_path / "cached" / "best.safetensors")) == {"fc.weight", "fc.bias"}
+    assert set(load_file(tmp_path / "cached" / "best.safetensors")) == {"fc.weight", "fc.bias", "fc.input_norm.mean",
+                                                                         "fc.input_norm.std"}
     for key in ("per_class", "top1", "balanced", "tau_norm", "best_epoch"):
         assert cached[key] == pytest.approx(through[key]), key
     assert json.loads((tmp_path / "cached" / "data.json").read_text())["input_shape"] == [3]  # the data's, not 8
@@ -114,3 +115,25 @@ def test_classes_picks_and_relabels_source_classes(idx_root):
 def test_classes_is_an_error_where_the_data_brings_its_own(table):
     with pytest.raises(DataError, match="classes= picks classes of a synthetic long tail"):
         build_dataset("csv", str(table), classes=[0, 1])
+
+
+def test_a_probe_standardises_its_features_with_the_training_split_and_eval_and_predict_apply_them(tmp_path):
+    """A random CNN's features are ~1e-3 in scale: on raw features the probe barely leaves the prior; standardised
+    with the training split's statistics (kept in the weight files) it learns, and `ccar eval` reproduces it."""
+    from conftest import make_idx_dataset
+
+    from ccar.engine.evaluate_run import evaluate_run
+
+    digits = make_idx_dataset(tmp_path / "digits", n_per_class=(60,) * 10, test_per_class=10)
+    args = ["dataset=mnist-lt", f"data_root={digits}", "imbalance=10", "epochs=4", "model.name=cnn",
+            "model.width=4", "finetune=linear", "loss.name=ce", "threads=1", "progress=false"]
+    logs = []
+    std = train(load_config(None, args + [f"out={tmp_path / 'std'}"]), log=logs.append)
+    raw = train(load_config(None, args + [f"out={tmp_path / 'raw'}", "model.feature_norm=none"]), log=lambda *_: None)
+    assert any("standardised with the training split's statistics" in line for line in logs)
+    assert std["balanced"] > raw["balanced"] + 20, (std["balanced"], raw["balanced"])
+    weights = load_file(tmp_path / "std" / "best.safetensors")
+    assert float(weights["fc.input_norm.std"].max()) < 0.1  # the statistics of the features' own, small scale
+    again = evaluate_run(tmp_path / "std", "best")["metrics"]
+    assert again["balanced"] == pytest.approx(std["balanced"])
+    assert set(load_file(tmp_path / "raw" / "best.safetensors")) == {"fc.weight", "fc.bias"}

@@ -58,8 +58,8 @@ def test_finetune_modes_train_only_what_they_say(photos, tiny_vit, tmp_path, mod
                     log=lambda *_: None)
     saved = load_file(out / "last.safetensors")  # only what the run trained: the base weights are named by config
     fc = {"fc.weight", "fc.bias"}
-    if mode == "linear":
-        assert set(saved) == fc
+    if mode == "linear":  # (and the classifier's input statistics, model.feature_norm)
+        assert set(saved) == fc | {"fc.input_norm.mean", "fc.input_norm.std"}
     elif mode == "bias":
         assert fc < set(saved) and all(k in fc or k.endswith(".bias") for k in saved)
     else:

@@ -24,9 +24,10 @@ SAM_SCOPES = ("all", "tail")  # ccar.engine.sam
 SCHEDULES = ("cosine", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("auto", "graph", "true", "false")
+FEATURE_NORMS = ("auto", "standardize", "l2", "none")  # model.feature_norm (ccar.models.heads.FeatureNorm)
 MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
 
-__all__ = ["AMP_MODES", "COMPILE_MODES", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
+__all__ = ["AMP_MODES", "COMPILE_MODES", "FEATURE_NORMS", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
            "POLICIES", "SAMPLERS", "MAX_SEED", "LossConfig", "ModelConfig", "LoraOptions", "HeadInit", "AugmentConfig",
            "OptimConfig", "TrainConfig", "to_dict"]
 
@@ -74,6 +75,8 @@ class ModelConfig:
     depth: int = 32  # resnet_cifar
     hidden: List[int] = field(default_factory=lambda: [256, 256])  # mlp
     head: str = "auto"  # linear, cosine; auto = cosine for LDAM
+    feature_norm: str = "auto"  # the classifier's inputs: standardize (training-split statistics), l2, none;
+    # auto = standardize for a frozen backbone (finetune=linear, not head.init=text), else none
     weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
     pretrained: bool = False  # timm:<name>: timm's pretrained weights (hub/cache, or model.weights as timm's file)
 

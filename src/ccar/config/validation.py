@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from ..errors import ConfigError
-from .schema import (AMP_MODES, COMPILE_MODES, FINETUNE_MODES, MAX_SEED, MIX_MODES, POLICIES, RETRAIN_METHODS, SAM_SCOPES,
+from .schema import (AMP_MODES, COMPILE_MODES, FEATURE_NORMS, FINETUNE_MODES, MAX_SEED, MIX_MODES, POLICIES, RETRAIN_METHODS, SAM_SCOPES,
                      SAMPLERS, TrainConfig)
 
 
@@ -90,6 +90,8 @@ def _model_and_finetune(cfg: TrainConfig) -> None:
            "random unless the model is a CLIP or SigLIP model (model.name=hf:...)", cfg.head.init)
     _check("{}" in cfg.head.prompt, "head.prompt", "a text with {} where the class name goes", cfg.head.prompt)
     _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
+    _check(cfg.model.feature_norm in FEATURE_NORMS, "model.feature_norm", f"one of {', '.join(FEATURE_NORMS)}",
+           cfg.model.feature_norm)
 
 
 def _optimizer(cfg: TrainConfig) -> None:

@@ -17,12 +17,12 @@ from ..config import TrainConfig
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
 from ..errors import ConfigError, TrainingError
 from ..models import HF_PREFIX, TIMM_PREFIX, build_model, timm_preprocessing
-from ..models.heads import NormedLinear, classifier, wrap_lws
+from ..models.heads import NormedLinear, attach_feature_norm, classifier, wrap_lws
 from ..models.pretrained import hf_preprocessing
 from . import checkpoint as ckpt
 from .decoupling import prepare_retrain
 from .distributed import DistContext
-from .features import cached_features
+from .features import cached_features, fit_feature_norm
 from .finetune import apply_finetune, load_pretrained, load_trained
 from .run import Run
 from .runtime import resolve_device, resolve_precision
@@ -101,8 +101,18 @@ def auto_model(input_shape) -> Tuple[str, str]:
                         f"backbone is usually far better")
 
 
+def feature_norm_mode(cfg: TrainConfig) -> str:
+    """``model.feature_norm`` resolved: ``auto`` standardises the classifier's inputs of a frozen backbone
+    (``finetune=linear``, its second stages included), except under ``head.init=text``, whose zero-shot classifier
+    expects the backbone's own features."""
+    if cfg.model.feature_norm == "auto":
+        return "standardize" if cfg.finetune == "linear" and cfg.head.init != "text" else "none"
+    return cfg.model.feature_norm
+
+
 def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
-    """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier."""
+    """The configured model for ``data``; ``model.head=auto`` gives LDAM its cosine classifier; ``model.feature_norm``
+    puts its input conditioning in front of the classifier. Seeds torch's generator with ``cfg.seed`` first."""
     if cfg.model.head not in ("auto", "linear", "cosine"):
         raise ConfigError(f"model.head must be auto, linear or cosine; got {cfg.model.head!r}")
     if cfg.model.name == "auto":
@@ -111,11 +121,18 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
         raise ConfigError(f"model.name={cfg.model.name} is for images; {data.name} has {data.input_shape[0]} features "
                           f"per row: use model.name=mlp (model.hidden=[] is a linear model)")
     cosine = cfg.model.head == "cosine" or (cfg.model.head == "auto" and cfg.loss.uses_ldam)
+    # Initialised from the run's seed (as training does): a frozen random backbone, which no weight file holds, is
+    # rebuilt identically by `ccar eval`, `ccar predict` and a second stage.
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine,
                         pretrained=cfg.model.pretrained, weights=cfg.model.weights)
     if cfg.model.weights and not (cfg.model.pretrained and cfg.model.name.startswith(TIMM_PREFIX)):  # timm's own
         load_pretrained(model, cfg.model.weights)
+    if feature_norm_mode(cfg) != "none":
+        head = classifier(model)
+        attach_feature_norm(head, head.in_features if isinstance(head, torch.nn.Linear) else head.weight.shape[0],
+                            feature_norm_mode(cfg))
     if cfg.retrain == "lws":
         model = wrap_lws(model, data.num_classes)
     return apply_finetune(model, cfg.finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
@@ -215,6 +232,7 @@ def with_feature_cache(run: Run) -> Tuple[Run, object]:
     """A frozen backbone's run on its features, computed once (:mod:`ccar.engine.features`), with loaders over
     them: from here on ``run.model(features)`` is its classifier's logits."""
     run = cached_features(run)
+    fit_feature_norm(run, run.data.train[0])
     train_loader, eval_batches = make_loaders(run.data, run.cfg, run.device, run.dist)
     return dataclasses.replace(run, eval_batches=eval_batches), train_loader
 

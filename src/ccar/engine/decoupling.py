@@ -25,7 +25,8 @@ from torch import nn
 
 from ..config.schema import RETRAIN_METHODS  # noqa: F401  (`ccar retrain RUN method=...`)
 from ..errors import ConfigError
-from ..models.heads import NormedLinear, classifier, classifier_inputs, classifier_name, linear_classifier
+from ..models.heads import (NormedLinear, classifier, classifier_inputs, classifier_name, feature_norm_of,
+                            linear_classifier)
 from .distributed import gather_in_order
 from .finetune import load_trained
 from .inference import predict
@@ -78,7 +79,8 @@ def set_class_means(run: Run, batches=None) -> torch.Tensor:
     finally:
         hook.remove()
     feats, targets = gather_in_order(run.dist, torch.cat(features).to(run.device), targets.to(run.device), batches)
-    feats = nn.functional.normalize(feats.float(), dim=1)
+    norm = feature_norm_of(run.model)  # the means of what the head sees
+    feats = nn.functional.normalize((norm(feats) if norm is not None else feats).float(), dim=1)
     num_classes = head.weight.shape[1]
     sums = torch.zeros(num_classes, feats.shape[1], device=feats.device).index_add_(0, targets, feats)
     seen = torch.bincount(targets, minlength=num_classes)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import TrainConfig, to_dict
 from ..data import Augment, LongTailData
-from ..models.heads import classifier, classifier_inputs
+from ..models.heads import classifier, classifier_inputs, feature_norm_of
 from .checkpoint import atomic_write
 from .distributed import gather_in_order
 from .inference import predict
@@ -60,7 +60,8 @@ def cache_key(cfg: TrainConfig) -> str:
 
     resolved = to_dict(cfg)
     ident: Dict[str, object] = {k: resolved[k] for k in FEATURE_KEYS}
-    ident["model"] = {k: v for k, v in resolved["model"].items() if k != "head"}  # the head is what trains
+    # the head is what trains; its input statistics are fitted on the raw features the cache keeps
+    ident["model"] = {k: v for k, v in resolved["model"].items() if k not in ("head", "feature_norm")}
     ident["weights"] = _fingerprint(cfg.model.weights)
     if cfg.parent and cfg.finetune != "linear":  # a re-trained run's backbone is its parent's (a linear parent
         ident["parent"] = _fingerprint(str(Path(cfg.parent) / "best.safetensors"))  # saved only its classifier)
@@ -151,3 +152,17 @@ def head_only(model: nn.Module) -> nn.Module:
     head = classifier(model)
     model.forward = lambda x: head(x)  # the module's call, not its forward: hooks on the head still run (tau-norm)
     return model
+
+
+def fit_feature_norm(run: Run, train_features: Optional[torch.Tensor] = None) -> None:
+    """``model.feature_norm=standardize``: the classifier's input statistics from the training split's features
+    (the cached ones, else one un-augmented pass of the frozen backbone); a no-op for other modes."""
+    norm = feature_norm_of(run.model)
+    if norm is None or norm.mode != "standardize":
+        return
+    if train_features is None:
+        train_features, _ = extract(run, run.eval_batches(run.data.train))
+    norm.fit(train_features)
+    if run.dist.is_main:
+        run.log(f"model.feature_norm: the classifier's inputs standardised with the training split's statistics (std "
+                f"{float(norm.std.min()):.3g}..{float(norm.std.max()):.3g}), kept with the weights")

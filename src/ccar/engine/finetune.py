@@ -79,7 +79,8 @@ def trained_keys(model: nn.Module, mode: str, state: Optional[Dict[str, torch.Te
     keys = set(model.state_dict() if state is None else state)
     if mode == "full":
         return keys
-    return keys & {n for n, p in model.named_parameters() if p.requires_grad}
+    return keys & ({n for n, p in model.named_parameters() if p.requires_grad}
+                   | {n for n in keys if ".input_norm." in n})  # the classifier's fitted input statistics
 
 
 def saved_state(model: nn.Module, mode: str, clone: bool = False) -> Dict[str, torch.Tensor]:
@@ -110,7 +111,8 @@ def load_pretrained(model: nn.Module, path: str) -> None:
 def load_trained(model: nn.Module, state: Dict[str, torch.Tensor], mode: str, where: str = "weights") -> None:
     """Load a run's weights into a model built (base weights, adapters) from the same config."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    needed = sorted(trained_keys(model, mode) & set(missing))
+    # (a run saved before model.feature_norm trained on raw features: its statistics stay the identity)
+    needed = sorted(k for k in trained_keys(model, mode) & set(missing) if ".input_norm." not in k)
     if unexpected or needed:
         raise ConfigError(f"{where} do not fit this model (missing {needed[:3]}, unexpected {unexpected[:3]}); "
                           f"retrain with the run's own model settings")

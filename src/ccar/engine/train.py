@@ -17,7 +17,7 @@ from .build import assemble, build_data, with_feature_cache
 from .callbacks import build_callbacks, lr_at  # noqa: F401  (lr_at: importable where it always was)
 from .decoupling import set_class_means
 from .distributed import init_distributed
-from .features import uses_cache
+from .features import fit_feature_norm, uses_cache
 from .finish import finish
 from .run import Run
 from .run_folder import claim, read_resume_checkpoint, write_run_files
@@ -111,6 +111,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         write_run_files(run)
     if uses_cache(cfg):  # a frozen backbone: its features once, then the classifier alone trains on them
         run, loader = with_feature_cache(run)
+    elif saved is None:  # (a resumed run's statistics are in its checkpoint)
+        fit_feature_norm(run)
     optimizer = build_optimizer(run.model, cfg.optim, graph_safe=device.type == "cuda")  # (eager and graph alike)
     step = build_step(run, optimizer, loss_fn, len(loader))
     state = TrainState.restore(saved, run.model, optimizer, cfg.finetune) if saved is not None else TrainState()

@@ -25,6 +25,60 @@ class NormedLinear(nn.Module):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
 
 
+class FeatureNorm(nn.Module):
+    """The classifier's input conditioning (``model.feature_norm``): ``standardize`` subtracts the training split's
+    mean and divides by its std per feature (fitted once, :meth:`fit`; buffers saved with the weights, so ``ccar
+    eval`` and ``ccar predict`` apply them through the model itself); ``l2`` scales each feature vector to norm
+    sqrt(D). A frozen backbone's features can have any scale (1e-4 for a random CNN, 1e3 for a random ResNet-32):
+    without it a linear probe barely moves (docs/benchmarks.md)."""
+
+    def __init__(self, width: int, mode: str = "standardize"):
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Statistics of the training split's features ``x`` (N, D); a near-constant feature is divided by at least
+        a thousandth of the typical std (float noise in dead units is not blown up)."""
+        if self.mode != "standardize":
+            return
+        x = x.float().to(self.mean.device)
+        std = x.std(0)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(std.clamp_min(1e-3 * float(std.mean()) + 1e-12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "standardize":
+            return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.mode == "l2":
+            return F.normalize(x, dim=1) * x.shape[1] ** 0.5
+        return x
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+def _apply_input_norm(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_norm(args[0]),) + tuple(args[1:])
+
+
+def attach_feature_norm(head: nn.Module, width: int, mode: str) -> FeatureNorm:
+    """Give the classifier ``head`` a :class:`FeatureNorm` of its inputs as its child ``input_norm`` (state-dict
+    keys ``<head>.input_norm.mean`` / ``.std``), applied by a forward pre-hook: the head keeps its class, parameters
+    and keys (tau-norm, MaxNorm, LWS, NCM see the same module)."""
+    head.input_norm = FeatureNorm(width, mode)
+    head.register_forward_pre_hook(_apply_input_norm)
+    return head.input_norm
+
+
+def feature_norm_of(model: nn.Module):
+    """The :class:`FeatureNorm` in front of the model's classifier (inside an LWS wrapper too), or None."""
+    head = classifier(model)
+    return getattr(head, "input_norm", None) or getattr(getattr(head, "classifier", None), "input_norm", None)
+
+
 def make_head(features: int, num_classes: int, cosine: bool) -> nn.Module:
     return NormedLinear(features, num_classes) if cosine else nn.Linear(features, num_classes)
 
@@ -91,10 +145,11 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 def classifier_inputs(model: nn.Module, sink: list, detach: bool = True, to_float: bool = False):
-    """A forward hook on the model's classifier that appends each call's input to ``sink``; returns its handle
-    (``handle.remove()`` ends it). One hook for every method that needs features: NCM, the tau grid, the cache."""
-    def keep(module, inputs, output):
-        x = inputs[0].detach() if detach else inputs[0]
+    """A hook on the model's classifier that appends each call's input -- the backbone's features, before any
+    :class:`FeatureNorm` -- to ``sink``; returns its handle (``handle.remove()`` ends it). One hook for every
+    method that needs features: NCM, the tau grid, the cache."""
+    def keep(module, args):
+        x = args[0].detach() if detach else args[0]
         sink.append(x.float() if to_float else x)
 
-    return classifier(model).register_forward_hook(keep)
+    return classifier(model).register_forward_pre_hook(keep, prepend=True)
