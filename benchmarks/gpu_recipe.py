@@ -2,8 +2,9 @@
 32x32 at imbalance 100, ResNet-32, batch 128, bf16, channels-last, data resident on the GPU):
 
 1. step throughput (steady images/s, warm-up excluded): a bare PyTorch loop, eager and as a CUDA graph, against
-   ccar's engine eager (``compile=false``) and captured (``compile=auto``): the same data, the same batched crop and
-   flip on the device, the same model; ccar's number is its training epochs' images/s as ``ccar train`` logs them;
+   ccar's engine eager (``compile=false``), the eager kernels captured (``compile=graph``) and the compiled model
+   captured (``compile=auto``): the same data, the same batched crop and flip on the device, the same model; ccar's
+   number is its training epochs' images/s as ``ccar train`` logs them;
 2. packed cells: K ResNet-32s trained as one program (:mod:`ccar.engine.packed`: each its own batch, loss -- CE and
    CCAR-LA alternate -- and learning rate), captured as one CUDA graph, aggregate images/s against K = 1;
 3. the 200-epoch recipe end to end (``ccar train --config configs/cifar100-lt.yaml``, ``compile=auto``): data
@@ -255,7 +256,10 @@ def _section_one(args, data, device, gpu, root, tmp):
         _row("bare PyTorch loop, one CUDA graph per step", graph, graph)
     elif not gpu:
         print("  bare PyTorch loop, one CUDA graph per step: needs a GPU")
-    for mode, label in (("false", "ccar train, eager (compile=false)"), ("auto", "ccar train, compile=auto")):
+    modes = [("false", "ccar train, eager (compile=false)")] + (
+        [("graph", "ccar train, eager kernels as one CUDA graph (compile=graph)")] if gpu else []) + [
+        ("auto", "ccar train, compile=auto")]
+    for mode, label in modes:
         run = attempt(label, ccar_run, root, str(tmp / f"ccar-{mode}"), args.ccar_epochs, args.device, mode,
                       args.imbalance, args.depth)
         if run:

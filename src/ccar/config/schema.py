@@ -139,8 +139,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else off), bf16, fp16, off
     channels_last: str = "auto"  # auto (on for convolutional models on image data), true, false
-    compile: str = "auto"  # auto: the step as a CUDA graph where the run allows it, else eager; graph: the same or
-    # an error saying why not; true: torch.compile; false: eager (ccar.engine.step)
+    compile: str = "auto"  # auto: on a GPU, the torch.compile'd step as one CUDA graph where the run allows it,
+    # else eager; graph: the eager kernels as one CUDA graph, or an error saying why not; true: torch.compile
+    # without a graph; false: eager (ccar.engine.step)
     deterministic: bool = False  # CUDA: deterministic kernels (slower). CPU runs are bit-reproducible either way
     threads: int = 0  # CPU threads (0: torch's default)
     resident: bool = True  # small datasets: keep them on the device (false: host memory, batches copied over)
