@@ -111,7 +111,7 @@ def smoke_runs(request, tmp_path_factory):
     """The smoke runs of the selected scripts, started together when the first is asked for and run two at a time:
     each is one thread (mostly start-up: importing torch, spawning workers), and this machine has two cores."""
     scripts = [item.callspec.params["script"] for item in request.session.items
-               if item.module is request.module and item.originalname == "test_smoke_run"]
+               if getattr(item, "module", None) is request.module and item.originalname == "test_smoke_run"]
     scripts.sort(key=lambda s: s not in ("gpu_recipe.py", "colour_folders.py"))  # the longest first
     folders = {s: tmp_path_factory.mktemp(s.removesuffix(".py")) for s in scripts}
     for folder in folders.values():

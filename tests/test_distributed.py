@@ -128,7 +128,9 @@ def test_a_linear_probe_gathers_every_rank_s_features(tmp_path):
     from safetensors.torch import load_file
 
     w1, w2 = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
-    assert w1.keys() == {"fc.weight", "fc.bias"} and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # the classifier and its input statistics (model.feature_norm), fitted on the gathered features: the same
+    assert w1.keys() == {"fc.weight", "fc.bias", "fc.input_norm.mean", "fc.input_norm.std"}
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 def _same_run(a_dir, b_dir):

@@ -368,7 +368,7 @@ def test_the_request_is_fitted_to_the_partition_and_refused_when_no_node_can_hol
 
 
 def test_a_partition_is_read_from_scontrol_and_sinfo(monkeypatch):
-    import ccar.slurm
+    import ccar.sweep.slurm as launcher
 
     said = {"scontrol": "PartitionName=cpu Default=NO MaxTime=1-00:00:00 MaxCPUsPerNode=UNLIMITED "
                         "MaxMemPerNode=UNLIMITED Nodes=c1\n"
@@ -377,7 +377,7 @@ def test_a_partition_is_read_from_scontrol_and_sinfo(monkeypatch):
             "sinfo": "g1|64|512000|gpu:a100:4(S:0-1),gpu:v100:2|mixed|\n"  # (a node in two partitions: listed twice)
                      "g1|64|512000|gpu:a100:4(S:0-1),gpu:v100:2|mixed|\n"
                      "g2|64|512000|(null)|drained*|fan failed | again\n"}
-    monkeypatch.setattr(ccar.slurm, "_run",
+    monkeypatch.setattr(launcher, "_run",
                         lambda cmd, timeout=30: subprocess.CompletedProcess(cmd, 0, said[cmd[0]], ""))
     part = read_partition(None)  # the default one
     assert part == Partition("gpu", [Node("g1", 64, 512000, 6, "mixed", ""),
