@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from ccar.engine.packed import PackedModels, PackedStep, StackedSGD
 from ccar.losses import build_loss

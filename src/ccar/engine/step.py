@@ -141,7 +141,6 @@ class CapturedStep(PlainStep):
     def __init__(self, *args, warmup: int = 3, **kwargs):
         super().__init__(*args, accumulate=1, **kwargs)
         self.warmup, self.warm, self.graph, self.key = warmup, 0, None, None
-        self.captures = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.run.precision.autocast(self.run.device, cache=False):
@@ -186,7 +185,6 @@ class CapturedStep(PlainStep):
         self.static_loss, self.static_logits = loss.detach(), logits.detach()
         torch.cuda.synchronize()
         self.overhead_seconds += time.perf_counter() - started
-        self.captures += 1
 
 
 def capture_blocker(run: Run) -> Optional[str]:
