@@ -133,10 +133,10 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
                         pretrained=cfg.model.pretrained, weights=cfg.model.weights)
     if cfg.model.weights and not (cfg.model.pretrained and cfg.model.name.startswith(TIMM_PREFIX)):  # timm's own
         load_pretrained(model, cfg.model.weights)
-    if feature_norm_mode(cfg) != "none":
+    norm = feature_norm_mode(cfg)
+    if norm != "none":
         head = classifier(model)
-        attach_feature_norm(head, head.in_features if isinstance(head, torch.nn.Linear) else head.weight.shape[0],
-                            feature_norm_mode(cfg))
+        attach_feature_norm(head, head.in_features if isinstance(head, torch.nn.Linear) else head.weight.shape[0], norm)
     if cfg.retrain == "lws":
         model = wrap_lws(model, data.num_classes)
     return apply_finetune(model, cfg.finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)

@@ -84,8 +84,9 @@ def summary(run: Run, step: Step, saved) -> str:
              f"{f' x{run.dist.world_size}' if run.dist.enabled else ''}, run folder {run.run_dir}"]
     if cfg.optim.accumulate > 1 or cfg.optim.sam:
         lines.append(optimizer_summary(cfg.optim, run.dist.world_size, getattr(step, "tail", None)))
-    if step_summary(run):
-        lines.append(step_summary(run))
+    how = step_summary(run)  # ('' for the plain default on the CPU)
+    if how:
+        lines.append(how)
     policy = batch_policy(cfg.augment)
     if policy is not None:
         lines.append(f"augmentation policy: {policy.describe()} (each training batch, after the crop and flip)")
