@@ -15,6 +15,7 @@ cell's weights are saved exactly as an unpacked run's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Dict, List, Sequence
 
@@ -55,6 +56,17 @@ class PackedModels(nn.Module):
 
         return torch.vmap(one, randomness="different")(self.stacked(), x)
 
+    @torch.no_grad()
+    def bind(self, k: int, model: nn.Module) -> None:
+        """Make ``model``'s parameters and buffers views of model ``k``'s slice of the stack: what reads or writes
+        ``model`` (evaluation, a checkpoint, MaxNorm) reads or writes the packed model ``k``, as it trains."""
+        stacked = self.stacked()
+        for name, param in model.named_parameters():
+            param.data = stacked[name].data[k]
+        for name, _ in list(model.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            (model.get_submodule(owner) if owner else model)._buffers[leaf] = stacked[name][k]
+
     def unpack(self, k: int) -> Dict[str, torch.Tensor]:
         """Model ``k``'s state dict (copies), keyed as the model it was packed from."""
         return {name: t[k].detach().clone() for name, t in self.stacked().items()}
@@ -76,6 +88,23 @@ class StackedSGD:
         self.nesterov = nesterov
         self.buffers: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.started = torch.zeros((), dtype=torch.bool, device=device)  # the first step sets the buffers to d
+
+    def bind(self, k: int, optimizer: torch.optim.Optimizer, names: Sequence[str], model: nn.Module) -> None:
+        """Model ``k``'s own optimizer (a ``torch.optim.SGD`` over its parameters, which a checkpoint saves and a
+        resumed run restores) shares its momentum buffers with the stack: a restored buffer is copied in, and from
+        then on the optimizer's state is a view of model ``k``'s slice."""
+        params = dict(model.named_parameters())
+        restored = [optimizer.state.get(params[n], {}).get("momentum_buffer") for n in names]
+        if any(b is not None for b in restored):
+            self.started.fill_(True)
+        for name, buf, old in zip(names, self.buffers, restored):
+            if old is not None:
+                buf[k].copy_(old)
+            optimizer.state[params[name]]["momentum_buffer"] = buf[k]
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        """Each model's learning rate for the next step (host values, copied in place: the tensor stays put)."""
+        self.lr.copy_(torch.tensor(list(lrs), dtype=torch.float32), non_blocking=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -104,16 +133,29 @@ class PackedStep:
     """Forward, each model's own loss, backward and the stacked update for K batches at once (one per model):
     ``__call__(xs, ys)`` with xs (K, B, ...) and ys (K, B); returns the K mean losses and the logits (K, B, C)."""
 
-    def __init__(self, packed: PackedModels, loss_fns: Sequence[nn.Module], optimizer: StackedSGD):
+    def __init__(self, packed: PackedModels, loss_fns: Sequence[nn.Module], optimizer: StackedSGD,
+                 autocast=contextlib.nullcontext):
         if len(loss_fns) != packed.k:
             raise ValueError(f"{packed.k} packed models need {packed.k} loss functions, got {len(loss_fns)}")
-        self.packed, self.loss_fns, self.optimizer = packed, list(loss_fns), optimizer
+        self.packed, self.loss_fns, self.optimizer, self.autocast = packed, list(loss_fns), optimizer, autocast
         for loss_fn in self.loss_fns:
             loss_fn.reduction = "none"
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor):
-        logits = self.packed(xs)
-        losses = torch.stack([fn(logits[k], ys[k]).mean() for k, fn in enumerate(self.loss_fns)])
+        return self._update(xs, lambda logits: torch.stack([fn(logits[k], ys[k]).mean()
+                                                            for k, fn in enumerate(self.loss_fns)]))
+
+    def run(self, batches: Sequence) -> tuple:
+        """One step of K :class:`~ccar.engine.step.Batch` es (one per model, each with its own per-sample losses:
+        a mixed batch mixes its two labels' losses)."""
+        xs = torch.stack([b.x for b in batches])
+        return self._update(xs, lambda logits: torch.stack([b.losses(fn, logits[k]).mean() for k, (b, fn)
+                                                            in enumerate(zip(batches, self.loss_fns))]))
+
+    def _update(self, xs: torch.Tensor, mean_losses):
+        with self.autocast():
+            logits = self.packed(xs)
+        losses = mean_losses(logits)
         self.optimizer.zero_grad()
         losses.sum().backward()  # each model's parameters get the gradient of its own mean loss
         self.optimizer.step()

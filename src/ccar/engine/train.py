@@ -97,8 +97,10 @@ def summary(run: Run, step: Step, saved) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object]:
-    """Train ``cfg`` into its run folder; returns the metrics written to ``metrics.json``."""
+def prepare(cfg: TrainConfig, resume: bool = False, log=print, signals: bool = True) -> Trainer:
+    """Everything :func:`train` does before the loop: the run folder claimed, the data, the run, the loss, the
+    optimizer, the step and its callbacks, a resumed run's state restored -- a :class:`Trainer` ready to fit.
+    ``signals``: whether its callbacks watch for stop signals (a pack's first cell watches for all of them)."""
     validate(cfg)  # configs built in code get the same range checks as files and overrides
     dist = init_distributed(cfg.device)
     device = seed_and_device(cfg, dist)
@@ -122,7 +124,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object
         state.epoch = cfg.epochs
     if dist.is_main:
         log(summary(run, step, saved))
-    state = Trainer(run, step, loader, build_transforms(run), build_callbacks(cfg, device.type), state).fit()
-    metrics = finish(run, state.best_state, state.history)
-    dist.barrier()  # every rank leaves together, after rank 0 has written the run: no rank tears down the group early
+    callbacks = build_callbacks(cfg, device.type, signals=signals)
+    return Trainer(run, step, loader, build_transforms(run), callbacks, state)
+
+
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Dict[str, object]:
+    """Train ``cfg`` into its run folder; returns the metrics written to ``metrics.json``."""
+    trainer = prepare(cfg, resume, log)
+    state = trainer.fit()
+    metrics = finish(trainer.run, state.best_state, state.history)
+    trainer.run.dist.barrier()  # every rank leaves together, after rank 0 has written the run
     return metrics

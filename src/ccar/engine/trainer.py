@@ -123,10 +123,13 @@ class Trainer:
         totals[2] += len(batch.y)
         self.state.step = batch.index + 1
 
-    def _end_epoch(self) -> Dict[str, object]:
+    def _end_epoch(self, train_seconds: Optional[float] = None) -> Dict[str, object]:
+        """The epoch's record, after validation. ``train_seconds``: the epoch's training time when the loop
+        measured it itself (a pack: every cell's epoch is the pack's)."""
         run, state = self.run, self.state
         run.dist.all_reduce_sum(state.totals)
-        train_seconds = time.perf_counter() - state.epoch_started - self.step.take_overhead()  # (graph capture)
+        if train_seconds is None:
+            train_seconds = time.perf_counter() - state.epoch_started - self.step.take_overhead()  # (graph capture)
         if split_size(run.data.val):
             val = evaluate_split(run, run.data.val, shifts=False)
         else:  # val_fraction=0: no model selection, the last epoch is reported as "best" too

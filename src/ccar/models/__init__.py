@@ -70,7 +70,7 @@ class ResNetCifar(nn.Module):
 
     def forward(self, x):
         out = self.layers(self.pool(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.fc(out.mean((2, 3)))
 
 
 class SmallCNN(nn.Module):
@@ -89,7 +89,7 @@ class SmallCNN(nn.Module):
         self.fc = _head(c_in, num_classes, cosine_head)
 
     def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+        return self.fc(self.features(x).mean((2, 3)))
 
 
 class MLP(nn.Module):

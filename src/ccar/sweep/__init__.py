@@ -6,6 +6,8 @@ A sweep file (YAML)::
     runs: runs/sweep-fmnist/runs    # one folder per run (default: <out>/runs); keep it out of git
     jobs: 1                         # runs at once (CPU threads are split between them; each its own GPU)
     gpus_per_run: 1                 # GPUs each of those runs sees (worker i: the i-th group of visible GPUs)
+    pack: auto                      # cells trained as one program (ccar.sweep.packing): auto (up to 16 on a GPU,
+                                    # off on the CPU), off, or a number of cells
     base: {dataset: fashion-mnist-lt, epochs: 8}     # overrides shared by every run
     seeds: [0, 1, 2]
     grid: {imbalance: [100, 50, 10]}                 # cartesian product over these keys (a mapping value sets

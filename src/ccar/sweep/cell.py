@@ -23,12 +23,55 @@ from .spec import Cell
 
 
 def run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None,
-              feature_dir: Optional[str] = None, nproc: int = 1) -> Dict[str, Any]:
+             feature_dir: Optional[str] = None, nproc: int = 1) -> Dict[str, Any]:
     """Train one cell (in this process or a worker); returns its results line. ``shared_dir``: the finished run of
     the cell this one shares its training with (:attr:`Cell.shares`): a two-stage cell re-trains its classifier
     from it; a cell that differs only in evaluation settings is that run's final checkpoint, scored its own way.
     ``feature_dir``: where cells over one frozen backbone (finetune=linear) keep its features, computed once.
     ``nproc`` > 1: each stage runs under ``torchrun --standalone --nproc_per_node nproc`` (a multi-GPU cell)."""
+    cfg, common = cell_config(cell, run_dir, threads, shared_dir, feature_dir)
+    started = time.perf_counter()
+    metrics = _finished(cfg)
+    if metrics is None:
+        metrics = _train_or_leave(cfg, _resumes(cfg), nproc)
+    return _complete(cell, run_dir, cfg, metrics, common, nproc, started)
+
+
+def run_pack(cells_args: List[tuple]) -> List[Dict[str, Any]]:
+    """Train several cells (each ``cells_args`` entry: :func:`run_cell`'s arguments) as one pack
+    (:mod:`ccar.engine.pack_train`); their results lines, in order. Finished cells are read back; the others
+    continue from their checkpoints."""
+    from ..engine.pack_train import train_pack
+
+    prepared = [cell_config(*args[:5]) for args in cells_args]
+    started = time.perf_counter()
+    metrics = [_finished(cfg) for cfg, _ in prepared]
+    todo = [i for i, m in enumerate(metrics) if m is None]
+    try:
+        trained = train_pack([prepared[i][0] for i in todo], [_resumes(prepared[i][0]) for i in todo],
+                             log=lambda *_: None) if todo else []
+    except CCARError as exc:
+        _leave_on_signal(exc)
+        raise
+    for i, m in zip(todo, trained):
+        metrics[i] = m
+    rows = [_complete(args[0], args[1], cfg, m, common, 1, started)
+            for args, (cfg, common), m in zip(cells_args, prepared, metrics)]
+    share = (time.perf_counter() - started) / len(rows)
+    for k, row in enumerate(rows):  # (each cell's share of the pack's time: the report sums them)
+        row.update(wall_seconds=share, pack={"size": len(rows), "cell": k})
+    return rows
+
+
+def run_unit(cells_args: List[tuple]) -> List[Dict[str, Any]]:
+    """What a launcher runs: one cell (:func:`run_cell`) or a pack of them (:func:`run_pack`); their rows."""
+    return [run_cell(*cells_args[0])] if len(cells_args) == 1 else run_pack(cells_args)
+
+
+def cell_config(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] = None,
+                feature_dir: Optional[str] = None):
+    """The config of the cell's first stage (its run folder: ``run_dir``, or the shared run's), and the overrides
+    every stage adds."""
     cfg = load_config(None, cell.overrides)
     first_dir = Path(shared_dir if shared_dir and cell.stage2 is not None else run_dir)
     features = [f"feature_cache={feature_dir}"] if feature_dir and not cfg.feature_cache else []
@@ -37,18 +80,29 @@ def run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] =
     if shared_dir and cell.stage2 is None and not (first_dir / "checkpoint.safetensors").exists():
         first_dir.mkdir(parents=True, exist_ok=True)  # the shared run's last epoch: train() resumes past the loop
         shutil.copyfile(Path(shared_dir) / "checkpoint.safetensors", first_dir / "checkpoint.safetensors")
-    resume = (first_dir / "checkpoint.safetensors").exists()
-    started = time.perf_counter()
-    if resume and (first_dir / "metrics.json").exists():  # finished (a shared first stage, or one before a crash)
-        metrics = json.loads((first_dir / "metrics.json").read_text())
-    else:
-        metrics = _train_or_leave(cfg, resume, nproc)
+    return cfg, common
+
+
+def _resumes(cfg) -> bool:
+    return (cfg.run_dir() / "checkpoint.safetensors").exists()
+
+
+def _finished(cfg) -> Optional[Dict[str, Any]]:
+    """A finished first stage's metrics (a shared first stage, or one that finished before a crash), else None."""
+    if _resumes(cfg) and (cfg.run_dir() / "metrics.json").exists():
+        return json.loads((cfg.run_dir() / "metrics.json").read_text())
+    return None
+
+
+def _complete(cell: Cell, run_dir: str, cfg, metrics: Dict[str, Any], common: List[str], nproc: int,
+              started: float) -> Dict[str, Any]:
+    """The second stage of a two-stage cell (re-training the classifier of the first), then the results line."""
     first = None
     if cell.stage2 is not None:  # the second stage (classifier re-training) of the parent just trained
         first = metrics["top1"]
         method = next(o.split("=", 1)[1] for o in cell.stage2 if o.startswith("method="))
         out2 = f"{run_dir}-{method}"
-        cfg = retrain_config(first_dir, cell.stage2 + [f"out={out2}"] + common)
+        cfg = retrain_config(Path(cfg.run_dir()), cell.stage2 + [f"out={out2}"] + common)
         metrics = _train_or_leave(cfg, (Path(out2) / "checkpoint.safetensors").exists(), nproc)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy", "test_agnostic",
@@ -57,7 +111,8 @@ def run_cell(cell: Cell, run_dir: str, threads: int, shared_dir: Optional[str] =
             "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep if k in metrics},
             "last": {k: metrics["last"][k] for k in ("top1", "balanced", "groups", "many", "medium", "few")},
             "history": _history(cfg.run_dir()),
-            "wall_seconds": time.perf_counter() - started, "hardware": hardware(), **({"stage1_top1": first} if first is not None else {}),
+            "wall_seconds": time.perf_counter() - started, "hardware": hardware(),
+            **({"stage1_top1": first} if first is not None else {}),
             **({"trained_by": cell.shares} if cell.shares else {}),
             **({"tau_norm": metrics["tau_norm"]} if "tau_norm" in metrics else {})}
 
@@ -70,9 +125,13 @@ def _train_or_leave(cfg, resume: bool, nproc: int = 1) -> Dict[str, Any]:
     try:
         return train(cfg, resume=resume, log=lambda *_: None)
     except CCARError as exc:
-        if getattr(exc, "exit_code", None) and multiprocessing.parent_process() is not None:
-            os._exit(exc.exit_code)
+        _leave_on_signal(exc)
         raise
+
+
+def _leave_on_signal(exc: CCARError) -> None:
+    if getattr(exc, "exit_code", None) and multiprocessing.parent_process() is not None:
+        os._exit(exc.exit_code)
 
 
 def _torchrun(cfg, resume: bool, nproc: int) -> Dict[str, Any]:

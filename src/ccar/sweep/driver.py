@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, TrainingError
 from ..report.sweep_report import write_report
 from .local import run_locally
+from .packing import grouper, pack_size
 from .results import read_results
 from .spec import Cell, expand, load_sweep
 
@@ -92,5 +93,16 @@ def _run_cells(path: str, spec: Dict[str, Any], folder: Path, results_path: Path
 
             return run_on_slurm(spec, folder, runs_root, results_path, slurm, ready, record,
                                 tqdm.write if log is print else log)  # (lines above the progress bar)
-        run_locally(ready, record, cell_args, jobs, int(spec.get("gpus_per_run") or 1), log)
+        per_run = int(spec.get("gpus_per_run") or 1)
+        run_locally(ready, record, cell_args, jobs, per_run, log, _packs(spec, launcher, per_run, log))
     return []
+
+
+def _packs(spec: Dict[str, Any], launcher: str, per_run: int, log):
+    """The launcher's ``group``: cells that can train as one program, packed (``pack`` in the sweep file)."""
+    import torch
+
+    size, why = pack_size(spec.get("pack"), launcher, torch.cuda.is_available())
+    if size > 1 or spec.get("pack") not in (None, False, "off", 1):
+        log(why)
+    return grouper(size, per_run)

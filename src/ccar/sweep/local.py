@@ -66,20 +66,28 @@ def _workers_stop_with_us():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_locally(ready, record, cell_args, jobs: int, per_run: int, log=print) -> None:
+def run_locally(ready, record, cell_args, jobs: int, per_run: int, log=print, group=None) -> None:
     """Run every ready cell (``ready(started)``: the cells not yet run and not in ``started``, in sweep order) here
-    (``jobs`` 1) or in a pool of ``jobs`` workers, passing each result to ``record`` as it arrives. The cells run
-    through :func:`ccar.sweep.cell.run_cell`, looked up at call time."""
+    (``jobs`` 1) or in a pool of ``jobs`` workers, passing each result to ``record`` as it arrives. ``group(todo)``:
+    the cells to run together as one pack, the first of ``todo`` among them (default: the first alone). The cells
+    run through :func:`ccar.sweep.cell.run_unit`, looked up at call time."""
     from . import cell as cells
 
+    group = group or (lambda todo: todo[:1])
     started: set = set()
+
+    def next_unit(todo) -> list:
+        unit = group(todo)
+        started.update(c.key for c in unit)
+        return [cell_args(c) for c in unit]
+
     if jobs == 1:
         while True:
             todo = ready(started)
             if not todo:
                 return
-            started.add(todo[0].key)
-            record(cells.run_cell(*cell_args(todo[0])))
+            for row in cells.run_unit(next_unit(todo)):
+                record(row)
     context = multiprocessing.get_context("spawn")
     gpus = visible_gpus()
     if gpus:
@@ -88,11 +96,11 @@ def run_locally(ready, record, cell_args, jobs: int, per_run: int, log=print) ->
                                 initargs=(context.Value("i", 0), gpus, per_run)) as pool, _workers_stop_with_us():
         running: set = set()
         while True:
-            for cell in ready(started)[: jobs - len(running)]:
-                started.add(cell.key)
-                running.add(pool.submit(cells.run_cell, *cell_args(cell)))
+            while len(running) < jobs and ready(started):
+                running.add(pool.submit(cells.run_unit, next_unit(ready(started))))
             if not running:
                 return
             finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for future in finished:
-                record(future.result())
+                for row in future.result():
+                    record(row)

@@ -15,7 +15,7 @@ from ..config.schema import RETRAIN_METHODS
 from ..errors import ConfigError
 from ..tuning import chosen_candidate, flatten, tune_candidates
 
-SWEEP_KEYS = ("out", "runs", "jobs", "gpus_per_run", "base", "seeds", "grid", "methods", "studies", "report")
+SWEEP_KEYS = ("out", "runs", "jobs", "gpus_per_run", "pack", "base", "seeds", "grid", "methods", "studies", "report")
 REPORT_KEYS = ("metric", "reference", "baselines", "per_class", "curves", "knobs", "labels", "last_epoch")
 
 

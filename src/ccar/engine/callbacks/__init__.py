@@ -21,15 +21,18 @@ from .preemption import StopOnSignal
 from .schedule import LRSchedule, lr_at
 
 
-def build_callbacks(cfg: TrainConfig, device_type: str) -> Callbacks:
+def build_callbacks(cfg: TrainConfig, device_type: str, signals: bool = True) -> Callbacks:
     """The run's callbacks in their fixed order. Host syncs (the non-finite check, the ranks agreeing on a stop)
-    happen every step on the CPU and every 25 steps on GPUs."""
+    happen every step on the CPU and every 25 steps on GPUs. ``signals=False`` leaves out :class:`StopOnSignal`
+    (the other cells of a pack: its first cell watches, and the pack copies its control to them)."""
     every = 1 if device_type == "cpu" else 25
     chosen = [LRSchedule(), NonFiniteLoss(every)]
     if cfg.optim.max_norm:
         chosen.append(MaxNorm(cfg.optim.max_norm))
-    chosen += [BestOnValidation(), Logging(), StopOnSignal(every, cfg.optim.accumulate, cfg.checkpoint_minutes),
-               Checkpointing()]
+    chosen += [BestOnValidation(), Logging()]
+    if signals:
+        chosen.append(StopOnSignal(every, cfg.optim.accumulate, cfg.checkpoint_minutes))
+    chosen.append(Checkpointing())
     return Callbacks(chosen)
 
 
