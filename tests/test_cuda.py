@@ -56,3 +56,19 @@ def test_a_captured_run_stopped_mid_epoch_resumes_like_an_uninterrupted_one(digi
     monkeypatch.delenv(ckpt.FAULT_ENV)
     train(_cfg(digits, tmp_path / "cut", "compile=graph"), resume=True, log=lambda *_: None)
     assert _weight_gap(tmp_path / "full", tmp_path / "cut") < 1e-4  # (passed on an H200)
+
+
+def test_a_captured_pack_matches_the_eager_pack(digits, tmp_path):
+    """The pack's step as one CUDA graph (compile=graph) against the same pack eager (compile=false)."""
+    from ccar.engine.pack_train import train_pack
+
+    cells = [["loss.name=ce"], ["loss.name=ccar", "loss.base=la", "sampler=class-balanced", "seed=1"]]
+    logs = []
+    graph = train_pack([_cfg(digits, tmp_path / f"g{k}", *c, "compile=graph") for k, c in enumerate(cells)],
+                       [False, False], log=logs.append)
+    eager = train_pack([_cfg(digits, tmp_path / f"e{k}", *c, "compile=false") for k, c in enumerate(cells)],
+                       [False, False], log=lambda *_: None)
+    assert any("step one CUDA graph" in line for line in logs), logs
+    for k in range(2):
+        assert _weight_gap(tmp_path / f"g{k}", tmp_path / f"e{k}") < 5e-2
+        assert abs(graph[k]["top1"] - eager[k]["top1"]) < 3.0

@@ -16,6 +16,7 @@ On the CPU packing does not pay (one vmapped program is slower than the K runs o
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -25,9 +26,9 @@ from ..config import TrainConfig, to_dict
 from ..data.loaders import DeviceLoader
 from ..errors import CCARError
 from .finish import finish
-from .packed import PackedModels, PackedStep, StackedSGD
+from .packed import CapturedPackedStep, PackedModels, PackedStep, StackedSGD
 from .preemption import Preempted
-from .step import StepOutput
+from .step import StepOutput, capture_blocker
 from .trainer import Trainer
 
 # Keys a pack's cells may differ in: each cell's own loop, loss, sampling and optimizer settings. Everything else
@@ -51,6 +52,14 @@ def pack_blocker(cfg: TrainConfig) -> Optional[str]:
                (cfg.retrain is not None, f"a second stage (retrain={cfg.retrain})"),
                (not cfg.resident, "resident=false (packs keep their data on the device)")]
     return next((why for blocked, why in reasons if blocked), None)
+
+
+def pack_capture_blocker(run) -> Optional[str]:
+    """Why a pack's step is not one CUDA graph (None: it is): ``compile`` auto or graph, on a GPU, and what
+    :func:`~ccar.engine.step.capture_blocker` checks for one run (the first cell's: the cells share those keys)."""
+    if run.cfg.compile not in ("auto", "graph"):
+        return f"compile={run.cfg.compile}"
+    return capture_blocker(run)
 
 
 def pack_key(cfg: TrainConfig) -> str:
@@ -83,8 +92,13 @@ class PackedTrainer:
         for k, t in enumerate(self.trainers):
             self.packed.bind(k, t.run.model)
             optimizer.bind(k, t.step.optimizer, self.packed.param_names, t.run.model)
-        first = self.trainers[0].run
-        self.step = PackedStep(self.packed, [t.step.loss_fn for t in self.trainers], optimizer, first.autocast)
+        first, losses = self.trainers[0].run, [t.step.loss_fn for t in self.trainers]
+        self.why = pack_capture_blocker(first)
+        if self.why is None:  # (autocast's cast cache is not captured)
+            autocast = functools.partial(first.precision.autocast, first.device, cache=False)
+            self.step = CapturedPackedStep(self.packed, losses, optimizer, autocast)
+        else:
+            self.step = PackedStep(self.packed, losses, optimizer, first.autocast)
         self.rng: List[Optional[torch.Tensor]] = [None] * len(self.trainers)
 
     def fit(self) -> None:
@@ -102,7 +116,7 @@ class PackedTrainer:
                     if first.state.control.stop:  # every cell's checkpoint is written
                         raise Preempted(first.state.control.stop, f"at epoch {epoch + 1}, step {first.state.step}/"
                                                                   f"{first.steps} (a pack of {len(ts)})")
-                seconds = time.perf_counter() - started
+                seconds = time.perf_counter() - started - getattr(self.step, "take_overhead", float)()
                 for k, t in enumerate(ts):
                     with self._own_rng(k):
                         t.state.epoch_started = time.perf_counter() - seconds  # (its own validation after)
@@ -191,5 +205,7 @@ def train_pack(cfgs: Sequence[TrainConfig], resumes: Sequence[bool], log=print) 
         log(f"pack of {len(cfgs)}: trained one by one ({exc})")
         return [train(cfg, resume=True if (cfg.run_dir() / "checkpoint.safetensors").exists() else resume, log=log)
                 for cfg, resume in zip(cfgs, resumes)]
+    how = "one CUDA graph" if packed.why is None else f"eager ({packed.why})"
+    log(f"pack of {len(cfgs)} cells ({', '.join(str(c.run_dir()) for c in cfgs)}): one vmapped program, step {how}")
     packed.fit()
     return [finish(t.run, t.state.best_state, t.state.history) for t in trainers]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Dict, List, Sequence
 
 import torch
@@ -38,7 +39,7 @@ class PackedModels(nn.Module):
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"buffer_{i}", buffers[name].clone())
         # The architecture, its own tensors never used: kept out of the module tree (.to() has nothing to move)
-        self.__dict__["template"] = copy.deepcopy(models[0]).to("meta").train(models[0].training)
+        self.__dict__["template"] = _stats_dtype_norms(copy.deepcopy(models[0]).to("meta").train(models[0].training))
 
     def stacked(self) -> Dict[str, torch.Tensor]:
         tensors = dict(zip(self.param_names, self.params))
@@ -70,6 +71,25 @@ class PackedModels(nn.Module):
     def unpack(self, k: int) -> Dict[str, torch.Tensor]:
         """Model ``k``'s state dict (copies), keyed as the model it was packed from."""
         return {name: t[k].detach().clone() for name, t in self.stacked().items()}
+
+
+class _StatsDtypeNorm:
+    """BatchNorm that normalises in its running statistics' dtype: vmap's batch-norm rule, unlike the plain kernel,
+    refuses a bf16 input beside float32 statistics (what autocast gives). Under reduced precision the input is cast
+    up and the output back; in float32 nothing changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.running_mean
+        if stats is not None and x.dtype != stats.dtype:
+            return super().forward(x.to(stats.dtype)).to(x.dtype)
+        return super().forward(x)
+
+
+def _stats_dtype_norms(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _StatsDtypeNorm):
+            module.__class__ = type(f"Packed{type(module).__name__}", (_StatsDtypeNorm, type(module)), {})
+    return model
 
 
 class StackedSGD:
@@ -160,3 +180,53 @@ class PackedStep:
         losses.sum().backward()  # each model's parameters get the gradient of its own mean loss
         self.optimizer.step()
         return losses.detach(), logits.detach()
+
+
+class CapturedPackedStep(PackedStep):
+    """:class:`PackedStep` as one CUDA graph, as :class:`~ccar.engine.step.CapturedStep` does for one model: the
+    first ``warmup`` full steps run eagerly on a side stream, the next is captured, then replayed with the stacked
+    batches copied into its static inputs (the per-model learning rates are a device tensor the schedule fills).
+    The epoch's last, partial step and mixed batches run eagerly; a loss that changes (DRW) is captured again."""
+
+    def __init__(self, *args, warmup: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warmup, self.warm, self.graph, self.key, self.overhead_seconds = warmup, 0, None, None, 0.0
+
+    def run(self, batches: Sequence) -> tuple:
+        if any(b.y_mix is not None for b in batches):
+            return super().run(batches)
+        xs, ys = torch.stack([b.x for b in batches]), torch.stack([b.y for b in batches])
+        key = tuple(getattr(fn, "drw_active", None) for fn in self.loss_fns)
+        if self.graph is not None and (key != self.key or xs.shape != self.static_x.shape):
+            if xs.shape != self.static_x.shape:  # the epoch's last, partial batches
+                return self(xs, ys)
+            self.graph = None  # a loss changed: capture again
+        if self.graph is None:
+            if self.warm < self.warmup:
+                self.warm += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self(xs, ys)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            self._capture(xs, ys, key)
+        self.static_x.copy_(xs)
+        self.static_y.copy_(ys)
+        self.graph.replay()
+        return self.static_out
+
+    def _capture(self, xs: torch.Tensor, ys: torch.Tensor, key) -> None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        self.static_x, self.static_y, self.key = xs.clone(), ys.clone(), key
+        self.optimizer.zero_grad()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = self(self.static_x, self.static_y)
+        torch.cuda.synchronize()
+        self.overhead_seconds += time.perf_counter() - started
+
+    def take_overhead(self) -> float:
+        seconds, self.overhead_seconds = self.overhead_seconds, 0.0
+        return seconds

@@ -79,6 +79,8 @@ def run_locally(ready, record, cell_args, jobs: int, per_run: int, log=print, gr
     def next_unit(todo) -> list:
         unit = group(todo)
         started.update(c.key for c in unit)
+        if len(unit) > 1:
+            log(f"pack of {len(unit)}: {', '.join(c.key for c in unit)}")
         return [cell_args(c) for c in unit]
 
     if jobs == 1:
