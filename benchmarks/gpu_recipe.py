@@ -8,13 +8,17 @@
 2. packed cells: K ResNet-32s trained as one program (:mod:`ccar.engine.packed`: each its own batch, loss -- CE and
    CCAR-LA alternate -- and learning rate), captured as one CUDA graph, aggregate images/s against K = 1;
 3. the 200-epoch recipe end to end (``ccar train --config configs/cifar100-lt.yaml``, ``compile=auto``): data
-   loading, capture, every epoch's validation and the final test evaluation.
+   loading, capture, every epoch's validation and the final test evaluation;
+4. ccar packs: K cells of the recipe as ``ccar sweep`` packs them (:mod:`ccar.engine.pack_train`: each cell its
+   own run folder, validation and checkpoints), aggregate images/s of the steady epochs against K = 1 -- on the CPU
+   too, where it shows why ``pack: auto`` does not pack there.
 
 Targets (issue 32, on an H200): captured ccar >= 0.9x the bare CUDA-graph loop; a pack of 16 >= 5x one cell; the
 recipe under 90 s. Real CIFAR-100 when ``--data-root`` holds ``cifar-100-python``, else synthetic files of the same
 shape, format and class profile (throughput does not depend on the pixels; accuracy does).
 
-    python benchmarks/gpu_recipe.py [--data-root DIR] [--epochs 200] [--steps 300] [--packs 1,4,16] [--smoke]
+    python benchmarks/gpu_recipe.py [--data-root DIR] [--epochs 200] [--steps 300] [--packs 1,4,16]
+        [--ccar-packs 1,4,16] [--only 1,2,3,4] [--smoke]
 
 ``--epochs N`` scales the recipe's schedule (warm-up 5, lr milestones 160, 180 of 200 epochs) to N epochs.
 ``--smoke``: seconds on the CPU (10 synthetic images per class, ResNet-8, a few steps; the CUDA-graph rows say
@@ -24,6 +28,9 @@ that they need a GPU), to check that the script works.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
 import pickle
 import tempfile
 import time
@@ -154,7 +161,8 @@ def packed_throughput(data, device, depth: int, k: int, steps: int, graph: bool,
     for fn in losses:
         fn.validate = False
     opt = StackedSGD(packed.params, [0.1 * (1 + i / k) for i in range(k)], [0.9] * k, [2e-4] * k)
-    packed_step = PackedStep(packed, losses, opt)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False)
+    packed_step = PackedStep(packed, losses, opt, autocast if device.type == "cuda" else contextlib.nullcontext)
     cells = [Batches(*data, batch, device, seed=i, channels_last=False) for i in range(k)]  # (stacked: K, B, C, H, W)
 
     class Stacked:
@@ -162,7 +170,7 @@ def packed_throughput(data, device, depth: int, k: int, steps: int, graph: bool,
             xs, ys = zip(*(c.next() for c in cells))
             return torch.stack(xs), torch.stack(ys)
 
-    def step(xs, ys):  # float32 (TF32 convolutions): vmap's BatchNorm rule wants stats in its input's dtype
+    def step(xs, ys):  # bf16 autocast on a GPU, as ccar runs (the packed batch norm in float32)
         packed_step(xs, ys)
 
     batches = Stacked()
@@ -186,6 +194,29 @@ def ccar_run(root: str, out: str, epochs: int, device: str, compile_: str, imbal
             "first": history[0]["images_per_s"]}
 
 
+def ccar_pack(root: str, out: Path, k: int, epochs: int, device: str, imbalance: int, depth: int) -> dict:
+    """K cells of the recipe (CE and CCAR-LA alternating, each its own seed and lr) as one ccar pack
+    (:func:`ccar.engine.pack_train.train_pack`, what ``ccar sweep`` runs with ``pack``): aggregate images/s of the
+    steady epochs and the wall time, build and test evaluation included."""
+    from ccar.engine.pack_train import train_pack
+
+    warmup, milestones = scaled_schedule(epochs)
+    cfgs = []
+    for i in range(k):
+        loss = ["loss.name=ce"] if i % 2 == 0 else ["loss.name=ccar", "loss.base=la"]
+        overrides = [f"data_root={root}", f"imbalance={imbalance}", f"epochs={epochs}", f"out={out / str(i)}",
+                     f"device={device}", "progress=false", f"model.depth={depth}", f"optim.warmup_epochs={warmup}",
+                     f"optim.milestones={milestones}", f"seed={i}", f"optim.lr={0.1 * (1 + i / k):.4f}",
+                     *loss] + (["threads=1"] if device == "cpu" else [])
+        cfgs.append(load_config(str(CONFIGS / "cifar100-lt.yaml"), overrides))
+    start = time.perf_counter()
+    train_pack(cfgs, [False] * k, log=lambda *_: None)
+    seconds = time.perf_counter() - start
+    history = [json.loads(line) for line in (out / "0" / "log.jsonl").read_text().splitlines()]
+    steady = [h["images_per_s"] for h in history[1:]] or [history[0]["images_per_s"]]
+    return {"seconds": seconds, "steady": k * float(np.median(steady))}
+
+
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", help="folder holding cifar-100-python (else synthetic files of the same shape)")
@@ -194,13 +225,14 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="timed steps of each bare loop")
     p.add_argument("--packs", default="1,4,16", help="pack sizes K")
     p.add_argument("--pack-steps", type=int, default=40)
+    p.add_argument("--ccar-packs", default="1,4,16", help="section 4: K of the ccar packs (0: skip)")
     p.add_argument("--only", default="", help="comma-separated sections to run: 1, 2, 3 (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--per-class", type=int, default=500, help="synthetic data: training images per class")
     p.add_argument("--imbalance", type=int, default=100)
     p.add_argument("--depth", type=int, default=32, help="ResNet depth (32: the recipe's ResNet-32)")
     return parse_args(p, dict(device="cpu", per_class=10, imbalance=10, depth=8, epochs=2, ccar_epochs=2, steps=3,
-                              packs="1,2", pack_steps=2))
+                              packs="1,2", pack_steps=2, ccar_packs="1,2"))
 
 
 def attempt(label: str, measure, *args, **kwargs):
@@ -239,6 +271,8 @@ def main() -> None:
             bare, graph = _section_one(args, data, device, gpu, root, tmp)
         if not args.only or "2" in args.only.split(","):
             _section_two(args, data, device, gpu)
+        if args.ccar_packs != "0" and (not args.only or "4" in args.only.split(",")):
+            _section_four(args, root, tmp)
         if args.epochs and (not args.only or "3" in args.only.split(",")):
             run = attempt("recipe", ccar_run, root, str(tmp / "recipe"), args.epochs, args.device, "auto",
                           args.imbalance, args.depth)
@@ -268,12 +302,24 @@ def _section_one(args, data, device, gpu, root, tmp):
 
 
 def _section_two(args, data, device, gpu):
-    print("2. packed cells (own batch, loss and lr each; float32), aggregate images/s (ratio: to K = 1)")
+    print("2. packed cells (own batch, loss and lr each; bf16 on a GPU), aggregate images/s (ratio: to K = 1)")
     one = None
     for k in [int(v) for v in args.packs.split(",")]:
         ips = attempt(f"K = {k}", packed_throughput, data, device, args.depth, k, args.pack_steps, graph=gpu)
         one = one or ips
         _row(f"K = {k:>2}{', one CUDA graph' if gpu else ', eager (CPU)'}", ips, one)
+
+
+def _section_four(args, root, tmp):
+    print(f"4. ccar packs ({args.ccar_epochs} epochs of the recipe per cell, CE and CCAR-LA alternating; train_pack "
+          f"as ccar sweep runs it): aggregate images/s (ratio: to K = 1) and wall time per cell")
+    one = None
+    for k in [int(v) for v in args.ccar_packs.split(",")]:
+        run = attempt(f"pack K = {k}", ccar_pack, root, tmp / f"pack{k}", k, args.ccar_epochs, args.device,
+                      args.imbalance, args.depth)
+        if run:
+            one = one or run["steady"]
+            _row(f"ccar pack K = {k:>2}", run["steady"], one, f"({run['seconds'] / k:.1f} s per cell in all)")
 
 
 if __name__ == "__main__":
