@@ -25,36 +25,41 @@ SCHEDULES = ("cosine", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("auto", "graph", "true", "false")
 FEATURE_NORMS = ("auto", "standardize", "l2", "none")  # model.feature_norm (ccar.models.heads.FeatureNorm)
+# The two method families whose models are not one classifier (ccar.models.families), by loss name
+EXPERT_LOSSES = ("ride", "sade")  # multi-expert models
+CONTRASTIVE_LOSSES = ("paco", "gpaco", "bcl")  # two views, a projection head (BCL: prototypes; PaCo: a queue)
+TEST_TIME = ("auto", "none", "self-supervised")  # test_time_aggregation (SADE's; ccar.engine.test_time)
 MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
 
-__all__ = ["AMP_MODES", "COMPILE_MODES", "FEATURE_NORMS", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
+__all__ = ["AMP_MODES", "COMPILE_MODES", "CONTRASTIVE_LOSSES", "EXPERT_LOSSES", "TEST_TIME", "FEATURE_NORMS", "MIX_MODES", "RETRAIN_METHODS", "FINETUNE_MODES", "SAM_SCOPES", "SCHEDULES", "OPTIMIZERS",
            "POLICIES", "SAMPLERS", "MAX_SEED", "LossConfig", "ModelConfig", "LoraOptions", "HeadInit", "AugmentConfig",
            "OptimConfig", "TrainConfig", "to_dict"]
 
 
 @dataclass
 class LossConfig:
-    """``name`` in ce, focal, cb, cb-focal, ldam, la, bs, ccar; unset (null) options take the loss's defaults."""
+    """The loss (``name``: one of :data:`ccar.losses.LOSS_NAMES`) and its options; unset (null) options take the
+    loss's own defaults, and an option the loss does not take is an error naming the loss's options."""
 
-    name: str = "ccar"
-    base: Optional[str] = "la"  # ccar only
-    omega: Optional[float] = None
-    power_base: Optional[float] = None
-    detach_weight: Optional[bool] = None
-    normalize: Optional[str] = None
-    frequency: Optional[str] = None
-    strength: Optional[float] = None
-    gamma: Optional[float] = None
-    beta: Optional[float] = None
-    form: Optional[str] = None
-    tau: Optional[float] = None
-    max_margin: Optional[float] = None
-    scale: Optional[float] = None
+    name: str = "ccar"  # the loss; ccar re-weights the loss named by base
+    base: Optional[str] = "la"  # ccar only: the loss under CCAR's weight
+    omega: Optional[float] = None  # ccar: the confidence pivot, in (0, 1]
+    power_base: Optional[float] = None  # ccar: the base of the power in Omega
+    detach_weight: Optional[bool] = None  # ccar: true treats Omega as a constant weight (no gradient through it)
+    normalize: Optional[str] = None  # ccar: batch divides by the batch mean of Omega (unset: no normalisation)
+    frequency: Optional[str] = None  # ccar: sum (f_c = n_y / sum n, the paper) or max (n_y / max n, an extension)
+    strength: Optional[float] = None  # ccar: exponent on Omega (0 turns CCAR off, 1 is the paper)
+    gamma: Optional[float] = None  # focal exponent (focal, cb-focal, cb with form=focal); vs: (n_c / n_max)^gamma
+    beta: Optional[float] = None  # class-balanced weights (1 - beta) / (1 - beta^n_c), beta in [0, 1)
+    form: Optional[str] = None  # cb: ce or focal
+    tau: Optional[float] = None  # la, vs: the logit adjustment tau * log(prior)
+    max_margin: Optional[float] = None  # ldam: the margin of the rarest class (margins proportional to n^-1/4)
+    scale: Optional[float] = None  # ldam: the scale of the logits after the margin
     smooth_head: Optional[float] = None  # las: label smoothing of the most frequent class (0.4)
     smooth_tail: Optional[float] = None  # las: of the rarest (0.1)
     smooth_shape: Optional[str] = None  # las: concave, linear or convex in between
-    drw_epoch: Optional[int] = None
-    drw_beta: Optional[float] = None
+    drw_epoch: Optional[int] = None  # deferred re-weighting: class-balanced weights from this epoch on
+    drw_beta: Optional[float] = None  # deferred re-weighting: the beta of those weights
 
     def options(self) -> Dict[str, Any]:
         """Keyword options for :func:`ccar.losses.build_loss` (set ones only; ``base`` only for ccar)."""
@@ -64,8 +69,18 @@ class LossConfig:
         return opts
 
     @property
-    def uses_ldam(self) -> bool:
-        return self.name == "ldam" or (self.name == "ccar" and self.base == "ldam")
+    def method(self) -> str:
+        """The loss under CCAR (``base``) or the loss itself."""
+        return self.base if self.name == "ccar" else self.name
+
+    @property
+    def uses_ldam(self) -> bool:  # (RIDE's experts train with LDAM: a cosine classifier each)
+        return self.method in ("ldam", "ride")
+
+    @property
+    def family(self) -> Optional[str]:
+        """``experts`` or ``contrastive`` for the losses whose models are not one plain classifier, else None."""
+        return "experts" if self.method in EXPERT_LOSSES else "contrastive" if self.method in CONTRASTIVE_LOSSES else None
 
 
 @dataclass
@@ -79,12 +94,17 @@ class ModelConfig:
     # auto = standardize for a frozen backbone (finetune=linear, not head.init=text), else none
     weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
     pretrained: bool = False  # timm:<name>: timm's pretrained weights (hub/cache, or model.weights as timm's file)
+    experts: int = 0  # multi-expert models (loss ride, sade): expert branches; 0 = auto (3 for ride and sade)
+    expert_width: float = 0.75  # each expert's width, a fraction of the single model's last stage (RIDE: 48 of 64)
+    projection: int = 128  # contrastive losses (paco, gpaco, bcl): the projection head's output dimension
+    queue: int = 4096  # paco: the momentum encoder's queue of keys (MoCo's); gpaco and bcl have none
+    key_momentum: float = 0.999  # paco: the momentum encoder's update, key <- m * key + (1 - m) * online
 
 
 @dataclass
 class LoraOptions:
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 8  # the rank of each adapter
+    alpha: float = 16.0  # the adapters' scaling (peft's lora_alpha; the update is scaled by alpha / rank)
     targets: List[str] = field(default_factory=list)  # module names; [] = every linear layer (else conv) of the backbone
 
 
@@ -106,14 +126,14 @@ class AugmentConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd, adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    warmup_epochs: int = 1
+    lr: float = 0.1  # peak learning rate (after the warm-up)
+    momentum: float = 0.9  # sgd only (adamw keeps its default betas)
+    nesterov: bool = False  # sgd: Nesterov momentum
+    weight_decay: float = 5e-4  # not applied to BatchNorm and bias parameters
+    batch_size: int = 128  # per process (under torchrun: per GPU)
+    warmup_epochs: int = 1  # linear warm-up of the learning rate over this many epochs
     schedule: str = "cosine"  # cosine, multistep, constant
-    milestones: List[int] = field(default_factory=lambda: [160, 180])
+    milestones: List[int] = field(default_factory=lambda: [160, 180])  # multistep: epochs where lr is x decay
     decay: float = 0.01  # multistep factor per milestone
     max_norm: Optional[float] = None  # MaxNorm (weight balancing): classifier rows projected to norm <= this per step
     backbone_lr: Optional[float] = None  # learning rate of everything but the classifier (default: lr)
@@ -127,13 +147,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     dataset: str = "fashion-mnist-lt"
-    data_root: Optional[str] = None
+    data_root: Optional[str] = None  # the data's folder (own data: required; built-in sets: found or downloaded)
     imbalance: Optional[float] = None  # default 100 for the synthetic long tails
     n_max: Optional[int] = None  # synthetic long tails: images of the head class (default: the smallest source class)
-    profile: str = "exp"
+    profile: str = "exp"  # synthetic long tails: exponential or step class counts
     classes: Optional[List[int]] = None  # synthetic long tails: a subset of the source's classes (relabelled 0..k-1)
-    val_fraction: float = 0.1
-    seed: int = 0
+    val_fraction: float = 0.1  # stratified validation split carved from the training set (model selection)
+    seed: int = 0  # the run's seed (validation split, initialisation, batches, augmentation)
     epochs: int = 15
     out: Optional[str] = None  # run folder; default runs/<dataset>-<loss>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -151,7 +171,11 @@ class TrainConfig:
     test_fraction: float = 0.2  # dataset=folder with one tree: the share of each class carved out as the test split
     label_column: Optional[str] = None  # dataset=csv (default: label, target or class, else the last column)
     csv_impute: str = "none"  # dataset=csv: none (a missing value is an error) or mean (mean / most frequent)
+    class_names: Optional[str] = None  # classes.txt (one name per line) or a JSON mapping (e.g. WordNet id -> name):
+    # the names reports, predictions and head.init=text use (unset: classes.txt/.json in data_root, for own data)
     posthoc_tau: Optional[float] = None  # post-hoc logit adjustment at evaluation
+    test_time_aggregation: str = "auto"  # multi-expert models: self-supervised (SADE's expert weights learnt on the
+    # unlabeled test inputs of each test-agnostic prior), none (equal weights); auto = self-supervised for sade
     tau_norm: Optional[str] = None  # post-hoc tau-normalisation of the classifier: a number, or auto (chosen on val)
     sampler: str = "instance"  # instance, class-balanced, sqrt, progressive (ccar.data.sampling)
     sampler_epoch: int = 0  # instance sampling before this epoch, `sampler` from it on (deferred re-sampling)
@@ -170,7 +194,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     checkpoint_minutes: float = 0.0  # also checkpoint mid-epoch every this many minutes (0: off; long epochs)
     resume: Optional[str] = None  # auto: continue the run in out if it has a checkpoint; false; unset: auto on restarts
-    progress: bool = True
+    progress: bool = True  # progress bars and per-epoch lines on the terminal
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .schema import (AMP_MODES, COMPILE_MODES, FEATURE_NORMS, FINETUNE_MODES, MAX_SEED, MIX_MODES, POLICIES, RETRAIN_METHODS, SAM_SCOPES,
-                     SAMPLERS, TrainConfig)
+                     SAMPLERS, TEST_TIME, TrainConfig)
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -26,7 +26,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Traceback (most recent call last):
     ccar.errors.ConfigError: epochs must be an integer >= 1, got -3
     """
-    for section in (_schedule_and_recipes, _data, _model_and_finetune, _optimizer, _augment_and_runs, _numbers):
+    for section in (_schedule_and_recipes, _data, _model_and_finetune, _families, _optimizer, _augment_and_runs,
+                    _numbers):
         section(cfg)
     return cfg
 
@@ -92,6 +93,40 @@ def _model_and_finetune(cfg: TrainConfig) -> None:
     _check(cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
     _check(cfg.model.feature_norm in FEATURE_NORMS, "model.feature_norm", f"one of {', '.join(FEATURE_NORMS)}",
            cfg.model.feature_norm)
+
+
+def _families(cfg: TrainConfig) -> None:
+    """Multi-expert (ride, sade) and contrastive (paco, gpaco, bcl) losses: their models' keys, and the recipes
+    that do not combine with them."""
+    m, family, method = cfg.model, cfg.loss.family, cfg.loss.method
+    _check(cfg.test_time_aggregation in TEST_TIME, "test_time_aggregation", f"one of {', '.join(TEST_TIME)}",
+           cfg.test_time_aggregation)
+    _check(cfg.test_time_aggregation != "self-supervised" or family == "experts", "test_time_aggregation",
+           "auto or none unless the loss trains experts (ride, sade)", cfg.test_time_aggregation)
+    _check(m.experts == 0 or family == "experts", "model.experts", "0 unless loss.name is ride or sade (or ccar over "
+           "them)", m.experts)
+    _check(family != "experts" or m.experts == 0 or m.experts >= 2, "model.experts",
+           f"at least 2 for loss {method} (0: 3 experts)", m.experts)
+    _check(method != "sade" or m.experts in (0, 3), "model.experts", "3 for sade (one expert per label "
+           "distribution: long-tailed, uniform, inverse)", m.experts)
+    _check(0 < m.expert_width <= 1, "model.expert_width", "a fraction in (0, 1]", m.expert_width)
+    _check(m.projection >= 1, "model.projection", "an integer >= 1", m.projection)
+    _check(m.queue >= 1, "model.queue", "an integer >= 1 (keys kept by paco's momentum encoder)", m.queue)
+    _check(0 <= m.key_momentum < 1, "model.key_momentum", "a number in [0, 1)", m.key_momentum)
+    if family is None:
+        return
+    name = f"loss {method}" + (" under ccar" if cfg.loss.name == "ccar" else "")
+    for blocked, key, value in ((cfg.retrain is not None, "retrain", cfg.retrain),
+                                (cfg.tau_norm is not None, "tau_norm", cfg.tau_norm),
+                                (bool(cfg.posthoc_tau), "posthoc_tau", cfg.posthoc_tau),
+                                (cfg.finetune != "full", "finetune", cfg.finetune),
+                                (cfg.optim.backbone_lr is not None, "optim.backbone_lr", cfg.optim.backbone_lr),
+                                (family == "contrastive" and cfg.mix != "none", "mix", cfg.mix),
+                                (method == "paco" and bool(cfg.optim.sam), "optim.sam", cfg.optim.sam)):
+        _check(not blocked, key, f"{'none' if key == 'mix' else 'full' if key == 'finetune' else 'unset'} with {name} "
+               f"(its model is not one plain classifier"
+               + ("; its two views are not mixed" if key == "mix" else "; SAM's second pass would queue its keys "
+                  "twice" if key == "optim.sam" else "") + ")", value)
 
 
 def _optimizer(cfg: TrainConfig) -> None:

@@ -17,6 +17,7 @@ from ..config import TrainConfig
 from ..data import DeviceLoader, LongTailData, build_dataset, file_loader, normalize
 from ..errors import ConfigError, TrainingError
 from ..models import HF_PREFIX, TIMM_PREFIX, build_model, timm_preprocessing
+from ..models.families import Contrastive, multi_expert
 from ..models.heads import NormedLinear, attach_feature_norm, classifier, wrap_lws
 from ..models.pretrained import hf_preprocessing
 from . import checkpoint as ckpt
@@ -62,7 +63,7 @@ def dataset_from_config(cfg: TrainConfig) -> LongTailData:
                          n_max=cfg.n_max, label_column=cfg.label_column, csv_impute=cfg.csv_impute,
                          test_fraction=cfg.test_fraction, image_size=image_size, in_memory=cfg.in_memory,
                          progress=cfg.progress, gaussian=cfg.synthetic, channels=channels,
-                         classes=cfg.classes)
+                         classes=cfg.classes, class_names=cfg.class_names)
     if pretrained is not None and data.image_size:  # one-channel sets (resized and repeated by the model): the mean
         grey = data.input_shape[0] == 1
         mean = (sum(pretrained.mean) / 3,) if grey else pretrained.mean
@@ -128,6 +129,8 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     # Initialised from the run's seed (as training does): a frozen random backbone, which no weight file holds, is
     # rebuilt identically by `ccar eval`, `ccar predict` and a second stage.
     torch.manual_seed(cfg.seed)
+    if cfg.loss.family is not None:  # (trained whole: finetune=full, no feature norm; validation says so)
+        return family_model(cfg, data, cosine)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width,
                         depth=cfg.model.depth, hidden=cfg.model.hidden, cosine_head=cosine,
                         pretrained=cfg.model.pretrained, weights=cfg.model.weights)
@@ -140,6 +143,25 @@ def model_from_config(cfg: TrainConfig, data: LongTailData) -> torch.nn.Module:
     if cfg.retrain == "lws":
         model = wrap_lws(model, data.num_classes)
     return apply_finetune(model, cfg.finetune, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+
+
+def family_model(cfg: TrainConfig, data: LongTailData, cosine: bool) -> torch.nn.Module:
+    """The model of a multi-expert loss (RIDE, SADE: :func:`~ccar.models.families.multi_expert`) or a contrastive
+    one (PaCo, GPaCo, BCL: :class:`~ccar.models.families.Contrastive` over the configured model)."""
+    m, method = cfg.model, cfg.loss.method
+    if len(data.input_shape) != 3:
+        raise ConfigError(f"loss {method} trains on images (two augmented views, or convolutional experts); "
+                          f"{data.name} has vectors of {data.input_shape[0]} values")
+    if cfg.loss.family == "experts":
+        return multi_expert(m.name, data.num_classes, data.input_shape, m.experts or 3, m.expert_width,
+                            width=m.width, depth=m.depth, cosine_head=cosine)
+    base = build_model(m.name, data.num_classes, data.input_shape, width=m.width, depth=m.depth, cosine_head=cosine,
+                       pretrained=m.pretrained, weights=m.weights)
+    if not hasattr(base, "embed"):
+        raise ConfigError(f"loss {method} needs a ccar model (resnet32 or cnn) under its projection head; got "
+                          f"model.name={m.name}")
+    return Contrastive(base, m.projection, prototypes=method == "bcl", queue=m.queue if method == "paco" else 0,
+                       momentum=m.key_momentum)
 
 
 @torch.no_grad()

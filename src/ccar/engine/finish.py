@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..report.plots import run_figures
-from ..report.tables import metrics_table
+from ..report.tables import metrics_table, sade_table
 from . import checkpoint as ckpt
 from .finetune import load_trained, saved_state
 from .run import Run, split_size
@@ -36,6 +36,19 @@ def _selection(run: Run, best_state, history: List[Dict[str, object]]) -> tuple:
     return best_epoch, val, how
 
 
+def test_time_aggregation(run: Run) -> Optional[Dict[str, object]]:
+    """SADE's self-supervised expert weights per test-agnostic prior (:mod:`ccar.engine.test_time`) where the run
+    asks for them (``test_time_aggregation``: auto = for sade), on rank 0; else None."""
+    mode = run.cfg.test_time_aggregation
+    if mode == "auto":
+        mode = "self-supervised" if run.cfg.loss.method == "sade" else "none"
+    if mode == "none" or not run.dist.is_main:
+        return None
+    from .test_time import self_supervised_aggregation
+
+    return self_supervised_aggregation(run)
+
+
 def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: List[Dict[str, object]]
            ) -> Dict[str, object]:
     """Evaluate the best-on-validation and the last model on the test set; write metrics, weights and figures."""
@@ -46,6 +59,7 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         load_trained(run.model, state, cfg.finetune)
         results[which] = evaluate_test_split(run)
     best_epoch, val, how = _selection(run, best_state, history)
+    aggregation = test_time_aggregation(run)  # (of the best model, which the loop above left loaded)
     metrics = {
         **{k: results["best"][k] for k in TEST_KEYS},
         "val_top1": val["val_top1"], "val_balanced": val["val_balanced"], "best_epoch": best_epoch,
@@ -57,6 +71,8 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         metrics["tau_norm"] = results["best"]["tau_norm"]
     if cfg.parent:
         metrics["parent"] = cfg.parent
+    if aggregation is not None:
+        metrics["test_agnostic_sade"] = aggregation
     metrics.update(data.reference)  # e.g. the Bayes balanced accuracy of gaussian-lt
     if run.dist.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -64,6 +80,8 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         ckpt.save_weights(run.run_dir / "last.safetensors", last_state)
         figures = run_figures(run.run_dir, cfg, metrics, history)
         run.log(metrics_table({"best-on-val": results["best"], "last epoch": results["last"]}, data.class_counts))
+        if aggregation is not None:
+            run.log(sade_table(aggregation))
         run.log(f"results: {run.run_dir / 'metrics.json'}" + (f"; figures: {', '.join(str(f) for f in figures)}"
                                                                if figures else ""))
     return metrics

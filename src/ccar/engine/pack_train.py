@@ -50,7 +50,8 @@ def pack_blocker(cfg: TrainConfig) -> Optional[str]:
                (bool(o.sam), "optim.sam (SAM's two passes)"), (o.accumulate > 1, "optim.accumulate > 1"),
                (o.backbone_lr is not None, "optim.backbone_lr"), (cfg.finetune != "full", f"finetune={cfg.finetune}"),
                (cfg.retrain is not None, f"a second stage (retrain={cfg.retrain})"),
-               (not cfg.resident, "resident=false (packs keep their data on the device)")]
+               (not cfg.resident, "resident=false (packs keep their data on the device)"),
+               (cfg.loss.family is not None, f"loss {cfg.loss.method} (its model returns several outputs)")]
     return next((why for blocked, why in reasons if blocked), None)
 
 

@@ -42,12 +42,21 @@ class Batch:
     index: int = 0
     y_mix: Optional[torch.Tensor] = None
     lam: Optional[torch.Tensor] = None
+    views: int = 1  # augmented views of each image in x, stacked view-major (contrastive losses: 2)
 
-    def losses(self, loss_fn: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses (``loss_fn`` with reduction ``none``): L(z, y), or λ·L(z, y) + (1 − λ)·L(z, y_mix)."""
+    def losses(self, loss_fn: nn.Module, logits) -> torch.Tensor:
+        """Per-sample losses (``loss_fn`` with reduction ``none``): L(z, y), or λ·L(z, y) + (1 − λ)·L(z, y_mix).
+        ``logits``: the model's output (a dict of tensors for the multi-expert and contrastive families)."""
         if self.y_mix is None:
             return loss_fn(logits, self.y)
         return mixed_losses(loss_fn, logits, self.y, self.y_mix, self.lam)
+
+
+def counted_logits(out, batch: Batch) -> torch.Tensor:
+    """The logits the loop counts accuracy by: the model's output, its ``"logits"`` for a dict (a multi-expert
+    model's ensemble), the first view's rows for a batch of several views."""
+    logits = out["logits"] if isinstance(out, dict) else out
+    return logits[: len(batch.y)] if batch.views > 1 else logits
 
 
 @dataclass
@@ -69,9 +78,14 @@ class Step:
 
     overhead_seconds = 0.0  # set-up inside the epoch that is not training (CUDA graph capture)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        """The model's output; a model that queues its keys (PaCo) also reads the labels."""
         with self.run.autocast():
-            return self.net(x)
+            return self.net(x, targets=y) if y is not None and self.takes_targets else self.net(x)
+
+    @property
+    def takes_targets(self) -> bool:
+        return getattr(self.model, "key_encoder", None) is not None
 
     def take_overhead(self) -> float:
         """Seconds of set-up since the last call (kept out of the epoch's images/s)."""
@@ -80,7 +94,7 @@ class Step:
 
     def losses(self, batch: Batch) -> torch.Tensor:
         """A fresh forward pass's per-sample losses at the current weights (SAM's second pass)."""
-        return batch.losses(self.loss_fn, self.forward(batch.x))
+        return batch.losses(self.loss_fn, self.forward(batch.x, batch.y))
 
     def __call__(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
@@ -99,14 +113,14 @@ class PlainStep(Step):
         group = min(k, self.steps - i // k * k)  # the epoch's last group may be shorter
         stepping = (i + 1) % k == 0 or i + 1 == self.steps
         with contextlib.nullcontext() if stepping else no_sync(self.net):  # gradients stay local between steps
-            logits = self.forward(batch.x)
-            loss = batch.losses(self.loss_fn, logits).mean()
+            out = self.forward(batch.x, batch.y)
+            loss = batch.losses(self.loss_fn, out).mean()
             if i % k == 0:
                 self.optimizer.zero_grad(set_to_none=True)
             (loss / group if group > 1 else loss).backward()
         if stepping:
             self.optimizer.step()
-        return StepOutput(loss.detach(), logits.detach(), stepping)
+        return StepOutput(loss.detach(), counted_logits(out, batch).detach(), stepping)
 
 
 class SAMStep(Step):
@@ -119,14 +133,14 @@ class SAMStep(Step):
 
     def __call__(self, batch: Batch) -> StepOutput:
         with no_sync(self.net):
-            logits = self.forward(batch.x)
-            per_sample = batch.losses(self.loss_fn, logits)
+            out = self.forward(batch.x, batch.y)
+            per_sample = batch.losses(self.loss_fn, out)
             loss = per_sample.mean()
             self.optimizer.zero_grad(set_to_none=True)
             sam_backward(self.sam, self.model, per_sample, batch.y, functools.partial(self.losses, batch),
                          self.run.dist, self.tail)
         self.optimizer.step()
-        return StepOutput(loss.detach(), logits.detach(), True)
+        return StepOutput(loss.detach(), counted_logits(out, batch).detach(), True)
 
 
 class CapturedStep(PlainStep):
@@ -142,7 +156,7 @@ class CapturedStep(PlainStep):
         super().__init__(*args, accumulate=1, **kwargs)
         self.warmup, self.warm, self.graph, self.key = warmup, 0, None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         with self.run.precision.autocast(self.run.device, cache=False):
             return self.net(x)
 
@@ -201,6 +215,7 @@ def capture_blocker(run: Run) -> Optional[str]:
         (lambda: not (run.data.in_memory and cfg.resident), "the data streams from host memory (resident=false or "
                                                             "files)"),
         (lambda: not any(p.requires_grad for p in run.model.parameters()), "nothing trains"),
+        (lambda: cfg.loss.family is not None, f"loss {cfg.loss.method}: its model returns several outputs"),
     ]
     return next((why for blocked, why in reasons if blocked()), None)
 

@@ -33,9 +33,9 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig, graph_safe: bool = F
     the CIFAR-LT recipes' ResNets too). ``optim.backbone_lr``: everything but the classifier at its own rate (each
     group's ``lr_scale`` times the schedule's lr). ``graph_safe``: for a CUDA graph, each group's learning rate is
     a device tensor that the schedule fills in place, and the update a fused kernel that reads it there."""
-    head = classifier_name(model) + "."
     parts = [(1.0, [p for p in model.parameters() if p.requires_grad])]
     if o.backbone_lr is not None:
+        head = classifier_name(model) + "."
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         parts = [(o.backbone_lr / o.lr, [p for n, p in trainable if not n.startswith(head)]),
                  (1.0, [p for n, p in trainable if n.startswith(head)])]

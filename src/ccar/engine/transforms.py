@@ -1,9 +1,11 @@
 """Batch transforms: what happens to a training batch between the loader and the step, in this order.
 
 1. :class:`ToDevice` — the batch onto the run's device;
-2. :class:`Policy` — RandAugment / AutoAugment / Cutout on the uint8 images (``augment.policy``, ``augment.cutout``);
-3. :class:`Normalize` — the run's ``prepare``: to float, normalised, channels-last;
-4. :class:`Mix` — mixup, CutMix or Remix (``mix``), which also sets the batch's second labels and label weights.
+2. :class:`TwoViews` — contrastive losses: a second view of each image (another random crop and flip of it);
+3. :class:`Policy` — RandAugment / AutoAugment / Cutout on the uint8 images (``augment.policy``, ``augment.cutout``),
+   each view drawn apart;
+4. :class:`Normalize` — the run's ``prepare``: to float, normalised, channels-last;
+5. :class:`Mix` — mixup, CutMix or Remix (``mix``), which also sets the batch's second labels and label weights.
 
 Each is called as ``batch = transform(batch, epoch)``, like timm's ``Mixup``: a batch transform, not a branch in the
 loop. The random ones draw from torch's generator, which the loop seeds per epoch and mid-epoch checkpoints save.
@@ -16,6 +18,7 @@ from typing import Callable, List
 
 import torch
 
+from ..data.loaders import random_crop_flip
 from ..data.policies import BatchPolicy, batch_policy
 from ..errors import ConfigError
 from .features import uses_cache
@@ -33,14 +36,30 @@ class ToDevice:
                                    y=batch.y.to(self.device, non_blocking=True))
 
 
+class TwoViews:
+    """Contrastive losses see two augmented views of each image: the loader's (its crop and flip) and another
+    random crop (``padding`` pixels) and flip of it, drawn from torch's generator for the global batch (under
+    torchrun each rank takes its rows, so 2 processes draw what 1 does). x becomes (2B, ...), view-major."""
+
+    def __init__(self, padding: int, flip: bool, rank: int, world_size: int):
+        self.padding, self.flip, self.rank, self.world_size = padding, flip, rank, world_size
+
+    def __call__(self, batch: Batch, epoch: int) -> Batch:
+        second = random_crop_flip(batch.x, self.padding, self.flip, torch.default_generator, self.rank,
+                                  self.world_size)
+        return dataclasses.replace(batch, x=torch.cat([batch.x, second]), views=2)
+
+
 class Policy:
-    """A batched augmentation policy; under torchrun it draws for the global batch and applies this rank's rows."""
+    """A batched augmentation policy; under torchrun it draws for the global batch and applies this rank's rows.
+    Each view of a several-view batch is drawn apart (as one process draws for each)."""
 
     def __init__(self, policy: BatchPolicy, rank: int, world_size: int):
         self.policy, self.rank, self.world_size = policy, rank, world_size
 
     def __call__(self, batch: Batch, epoch: int) -> Batch:
-        return dataclasses.replace(batch, x=self.policy(batch.x, self.rank, self.world_size))
+        views = batch.x.chunk(batch.views)
+        return dataclasses.replace(batch, x=torch.cat([self.policy(v, self.rank, self.world_size) for v in views]))
 
     def describe(self) -> str:
         return self.policy.describe()
@@ -74,6 +93,9 @@ def build_transforms(run: Run) -> List[Callable[[Batch, int], Batch]]:
     """The run's batch transforms, in their fixed order (the policy before normalising: it works on uint8)."""
     cfg = run.cfg
     transforms: list = [ToDevice(run.device)]
+    if cfg.loss.family == "contrastive":
+        augment = run.data.augment  # (a crop of at least 2 pixels: two equal views teach the contrast nothing)
+        transforms.append(TwoViews(max(augment.crop_padding, 2), augment.flip, run.dist.rank, run.dist.world_size))
     policy = batch_policy(cfg.augment)
     if policy is not None:
         if len(run.data.input_shape) != 3:

@@ -9,14 +9,28 @@ from .functional import BASES
 from .modules import CCARLoss, LongTailLoss
 from .stats import CountsLike
 
-LOSS_NAMES = BASES + ("ccar",)
+FAMILIES = ("ride", "sade", "paco", "gpaco", "bcl")  # losses over a model's several outputs (ccar.models.families)
+LOSS_NAMES = BASES + FAMILIES + ("ccar",)
+
+
+def _family(name: str):
+    """The module class of a family loss (imported on use: they import the base losses)."""
+    if name in ("ride", "sade"):
+        from .experts import RIDELoss, SADELoss
+
+        return {"ride": RIDELoss, "sade": SADELoss}[name]
+    from .contrastive import BCLLoss, PaCoLoss
+
+    return {"paco": PaCoLoss, "gpaco": PaCoLoss, "bcl": BCLLoss}[name]
 
 
 def build_loss(name: str, class_counts: Optional[CountsLike] = None, **options) -> LongTailLoss:
     """Build loss ``name`` for training-set ``class_counts``; call the result as ``loss_fn(logits, targets)``.
 
     Names: ``ce``, ``focal``, ``cb`` (class-balanced CE; ``form="focal"`` or the name ``cb-focal`` for its focal
-    form), ``ldam``, ``la``, ``bs``, ``vs`` and ``ccar`` (``base=`` one of the others, plus the base's options).
+    form), ``ldam``, ``la``, ``bs``, ``vs``; the families over several model outputs ``ride``, ``sade`` (multiple
+    experts), ``paco``, ``gpaco``, ``bcl`` (contrastive; called as ``loss_fn(outputs, targets)``); and ``ccar``
+    (``base=`` one of the others, plus the base's options).
     Every loss takes ``reduction`` and ``drw_epoch``/``drw_beta``; losses that need the epoch (DRW) are told it
     with ``loss_fn.set_epoch(epoch)``.
 
@@ -30,9 +44,13 @@ def build_loss(name: str, class_counts: Optional[CountsLike] = None, **options) 
         if class_counts is None:
             raise LossError("ccar: class_counts is required (f_c = n_y / sum(n) comes from them)")
         base = options.pop("base", "ce")
+        if base in FAMILIES:  # CCAR over each expert's (RIDE, SADE) or the classification term (PaCo, BCL)
+            return _family(base)(class_counts, ccar=True, **options)
         if base not in BASES:
-            raise LossError(f"ccar: unknown base {base!r}; valid: {', '.join(BASES)}")
+            raise LossError(f"ccar: unknown base {base!r}; valid: {', '.join(BASES + FAMILIES)}")
         return CCARLoss(class_counts, base=base, **options)
     if "base" in options:
         raise LossError(f"{name}: 'base' is an option of 'ccar' only (loss.name=ccar loss.base={options['base']})")
+    if name in FAMILIES:
+        return _family(name)(class_counts, **options)
     return LongTailLoss(name, class_counts, **options)

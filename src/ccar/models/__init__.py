@@ -68,9 +68,12 @@ class ResNetCifar(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
+    def embed(self, x):
+        """The pooled features the classifier reads."""
+        return self.layers(self.pool(F.relu(self.bn1(self.conv1(x))))).mean((2, 3))
+
     def forward(self, x):
-        out = self.layers(self.pool(F.relu(self.bn1(self.conv1(x)))))
-        return self.fc(out.mean((2, 3)))
+        return self.fc(self.embed(x))
 
 
 class SmallCNN(nn.Module):
@@ -88,8 +91,11 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = _head(c_in, num_classes, cosine_head)
 
+    def embed(self, x):
+        return self.features(x).mean((2, 3))
+
     def forward(self, x):
-        return self.fc(self.features(x).mean((2, 3)))
+        return self.fc(self.embed(x))
 
 
 class MLP(nn.Module):
@@ -103,6 +109,9 @@ class MLP(nn.Module):
             d = h
         self.features = nn.Sequential(*layers)
         self.fc = _head(d, num_classes, cosine_head)
+
+    def embed(self, x):
+        return self.features(x)
 
     def forward(self, x):
         return self.fc(self.features(x))

@@ -436,6 +436,24 @@ def agnostic_table(methods, order: Sequence[str]) -> List[str]:
         lines.append("| oracle: CE + post-hoc LA to the known test prior | " + " | ".join(
             _cell(*mean_std([r["metrics"]["test_agnostic_oracle"][k] for r in methods["CE"]])) for k in AGNOSTIC_COLUMNS)
             + " |")
+    return lines + [""] + sade_aggregation_table(methods, order)
+
+
+def sade_aggregation_table(methods, order: Sequence[str]) -> List[str]:
+    """SADE's own protocol for its runs: on the test set sub-sampled to each prior, the equal-weight ensemble and
+    the experts' weights learnt on the unlabeled test images (:mod:`ccar.engine.test_time`), mean ± std."""
+    names = [m for m in order if m in methods and all(r["metrics"].get("test_agnostic_sade") for r in methods[m])]
+    if not names:
+        return []
+    lines = ["SADE's test-time aggregation (%): top-1 on the test set sub-sampled to each prior (seeded), the "
+             "experts' ensemble with equal weights and with weights learnt on that set's unlabeled images:", "",
+             "| method | aggregation | " + " | ".join(AGNOSTIC_COLUMNS) + " |",
+             "|---" * (len(AGNOSTIC_COLUMNS) + 2) + "|"]
+    for name in names:
+        for label, field in (("equal", "equal"), ("self-supervised", "self_supervised")):
+            lines.append(f"| {name} | {label} | " + " | ".join(
+                _cell(*mean_std([r["metrics"]["test_agnostic_sade"][k][field] for r in methods[name]]))
+                for k in AGNOSTIC_COLUMNS) + " |")
     return lines + [""]
 
 

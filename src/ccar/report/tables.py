@@ -41,3 +41,17 @@ def metrics_table(rows: Dict[str, dict], class_counts: Sequence[int]) -> str:
         lines.append("top-1 (%) under test label distributions long-tailed like training (F: forward) or reversed "
                      "(B: backward) by that factor, from the per-class accuracies (importance weighting)")
     return "\n".join(lines)
+
+
+def sade_table(aggregation: Dict[str, dict]) -> str:
+    """SADE's test-time aggregation per test-agnostic prior: the equal-weight ensemble against the self-supervised
+    weights, on the test set sub-sampled to each prior (:mod:`ccar.engine.test_time`)."""
+    keys = list(aggregation)
+    short = [k.replace("forward-", "F").replace("backward-", "B").replace("uniform", "uni") for k in keys]
+    header = f"{'sade (%)':<14}" + "".join(f"{k:>6}" for k in short)
+    lines = [header, "-" * len(header)]
+    for name, field in (("equal weights", "equal"), ("self-superv.", "self_supervised")):
+        lines.append(f"{name:<14}" + "".join(f"{fmt(aggregation[k][field]):>6}" for k in keys))
+    lines.append("top-1 on the test set sub-sampled to each prior; self-superv.: the experts' weights learnt on its "
+                 "unlabeled images (two views' agreement), SADE's test-time aggregation")
+    return "\n".join(lines)

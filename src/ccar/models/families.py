@@ -1,0 +1,206 @@
+"""The models of two method families: multiple experts (RIDE, SADE) and contrastive learning (PaCo, GPaCo, BCL).
+
+In training these models return a dict of tensors -- ``"logits"`` (what the loop counts accuracy by) and what
+their losses need (``"experts"``; ``"features"``, ``"prototypes"``, ``"keys"``, ``"queue"``); in evaluation they
+return logits like every other model, so evaluation, ``ccar eval`` and ``ccar predict`` need nothing new:
+
+- :class:`MultiExpert`: a shared early backbone and E expert branches (the last stage, its pooling and its
+  classifier per expert, at ``expert_width`` of the single model's width, as RIDE does); the prediction is the
+  weighted average of the experts' logits (weights: a buffer, equal unless SADE's test-time aggregation set them);
+- :class:`Contrastive`: a backbone with its classifier plus a projection head (two layers, L2-normalised output)
+  over the pooled features; BCL adds a prototype head over the classifier's weights; PaCo adds a momentum encoder
+  and a queue of its keys (MoCo's), both saved with the weights so a resumed run continues them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .heads import make_head
+
+
+class _PadShortcut(nn.Module):
+    """The CIFAR ResNets' parameter-free shortcut between any widths: subsample, zero-pad the channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride, self.lo, self.hi = stride, (planes - in_planes) // 2, planes - in_planes - (planes - in_planes) // 2
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.lo, self.hi))
+
+
+class _Block(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = (_PadShortcut(in_planes, planes, stride) if stride != 1 or in_planes != planes
+                         else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _Expert(nn.Module):
+    """One expert: its layers, global average pooling, its classifier."""
+
+    def __init__(self, layers: nn.Module, width: int, num_classes: int, cosine_head: bool):
+        super().__init__()
+        self.layers, self.fc = layers, make_head(width, num_classes, cosine_head)
+
+    def forward(self, h):
+        return self.fc(self.layers(h).mean((2, 3)))
+
+
+class MultiExpert(nn.Module):
+    """A shared ``trunk`` and E ``experts``: training returns ``{"logits": mean, "experts": (E, B, C)}``, evaluation
+    the experts' logits averaged with ``expert_weights`` (E values summing to 1; equal by default)."""
+
+    def __init__(self, trunk: nn.Module, experts: nn.ModuleList):
+        super().__init__()
+        self.trunk, self.experts = trunk, experts
+        self.register_buffer("expert_weights", torch.full((len(experts),), 1.0 / len(experts)))
+
+    @property
+    def fc(self):  # (the first expert's classifier: what summaries and checks of "the classifier" look at)
+        return self.experts[0].fc
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        return torch.stack([expert(h) for expert in self.experts])
+
+    def forward(self, x: torch.Tensor):
+        z = self.expert_logits(x)
+        if self.training:
+            return {"logits": z.mean(0), "experts": z}
+        return torch.einsum("e,ebc->bc", self.expert_weights.to(z.dtype), z)
+
+
+def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_width: float, *, width: int = 32,
+                 depth: int = 32, cosine_head: bool = False) -> MultiExpert:
+    """RIDE's architecture over ccar's ResNet-32 (shared stem and first two stages; each expert its third stage)
+    or compact CNN (shared first two stages; each expert its third), each expert at ``expert_width`` of the width."""
+    if experts < 2:
+        raise ConfigError(f"model.experts must be at least 2 for a multi-expert model; got {experts}")
+    c = input_shape[0]
+    if name in ("resnet32", "resnet_cifar"):
+        if (depth - 2) % 6:
+            raise ConfigError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        blocks, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2)):
+            for i in range(n):
+                blocks.append(_Block(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        trunk = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), *blocks)
+        last = max(in_planes, 2 * round(64 * expert_width / 2))
+
+        def branch():
+            layers = [_Block(in_planes if i == 0 else last, last, 2 if i == 0 else 1) for i in range(n)]
+            return _Expert(nn.Sequential(*layers), last, num_classes, cosine_head)
+    elif name == "cnn":
+        layers, c_in = [], c
+        for stage, planes in enumerate((width, 2 * width)):
+            if stage:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes), nn.ReLU()]
+                c_in = planes
+        trunk = nn.Sequential(*layers, nn.MaxPool2d(2))
+        last = max(1, round(4 * width * expert_width))
+
+        def branch():
+            convs = [nn.Conv2d(c_in, last, 3, padding=1, bias=False), nn.BatchNorm2d(last), nn.ReLU(),
+                     nn.Conv2d(last, last, 3, padding=1, bias=False), nn.BatchNorm2d(last), nn.ReLU()]
+            return _Expert(nn.Sequential(*convs), last, num_classes, cosine_head)
+    else:
+        raise ConfigError(f"multi-expert models (model.experts > 1) are built over resnet32 or cnn; got "
+                          f"model.name={name}")
+    model = MultiExpert(trunk, nn.ModuleList(branch() for _ in range(experts)))
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+    return model
+
+
+class Contrastive(nn.Module):
+    """``base`` (a model with ``embed(x)`` -> pooled features and a linear ``fc``) plus a projection head. Training
+    with ``targets`` returns the classifier's logits and the projected, L2-normalised features of every row (the
+    views stacked), BCL's ``prototypes`` (its head over the classifier's weights) when ``prototypes``, and PaCo's
+    ``keys`` / ``queue`` when ``queue`` > 0 (a momentum encoder of ``base`` and the projection, updated before each
+    training forward pass; the keys of the second view are queued after the queue is read)."""
+
+    def __init__(self, base: nn.Module, dim: int = 128, prototypes: bool = False, queue: int = 0,
+                 momentum: float = 0.999):
+        super().__init__()
+        width = base.fc.in_features if isinstance(base.fc, nn.Linear) else base.fc.weight.shape[0]
+        self.base, self.momentum = base, momentum
+        self.proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+        self.prototype_head = (nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+                               if prototypes else None)
+        self.key_encoder: Optional[nn.Module] = None
+        if queue:
+            self.key_encoder = copy.deepcopy(nn.ModuleDict({"base": base, "proj": self.proj}))
+            for p in self.key_encoder.parameters():
+                p.requires_grad_(False)
+            self.register_buffer("queue", torch.zeros(queue, dim))
+            self.register_buffer("queue_targets", torch.full((queue,), -1, dtype=torch.long))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fc(self):  # (the classifier of ccar.models.heads.classifier and friends)
+        return self.base.fc
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        if not self.training:
+            return self.base(x)
+        h = self.base.embed(x)
+        out: Dict[str, torch.Tensor] = {"logits": self.base.fc(h), "features": F.normalize(self.proj(h).float(), dim=1)}
+        if self.prototype_head is not None:
+            weight = self.base.fc.weight if isinstance(self.base.fc, nn.Linear) else self.base.fc.weight.t()
+            out["prototypes"] = F.normalize(self.prototype_head(weight).float(), dim=1)
+        if self.key_encoder is not None and targets is not None:
+            out.update(self._keys(x[len(targets): 2 * len(targets)], targets))
+        return out
+
+    @torch.no_grad()
+    def _keys(self, view2: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        online = list(self.base.parameters()) + list(self.proj.parameters())
+        for k, q in zip(self.key_encoder.parameters(), online):
+            k.mul_(self.momentum).add_(q.detach(), alpha=1 - self.momentum)
+        keys = F.normalize(self.key_encoder["proj"](self.key_encoder["base"].embed(view2)).float(), dim=1)
+        out = {"keys": keys, "queue": self.queue.clone(), "queue_targets": self.queue_targets.clone()}
+        self._enqueue(*_gathered(keys, targets))
+        return out
+
+    def _enqueue(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
+        n, size = len(keys), len(self.queue)
+        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
+        self.queue[rows] = keys[-size:] if n > size else keys
+        self.queue_targets[rows] = targets[-size:] if n > size else targets
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+
+def _gathered(keys: torch.Tensor, targets: torch.Tensor):
+    """Every process's keys and labels (PaCo's queue is global under torchrun, as in its paper), in the global
+    batch's order (rank r holds its rows r, r + W, ...: :func:`ccar.data.sampling.shard`), so the queue is what one
+    process would have queued."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys, targets
+    keys_all = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    targets_all = [torch.empty_like(targets) for _ in range(dist.get_world_size())]
+    dist.all_gather(keys_all, keys.contiguous())
+    dist.all_gather(targets_all, targets.contiguous())
+    return torch.stack(keys_all, 1).flatten(0, 1), torch.stack(targets_all, 1).flatten(0, 1)
