@@ -8,12 +8,12 @@ STAMP := $(VENV)/.ccar-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test data keel results bench fuzz clean
+.PHONY: train test data keel results bench fuzz docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[plot,dev,hf,lora,slurm,augment]"
+	$(BIN)/python -m pip install -q -e ".[plot,dev,hf,lora,slurm,augment,tune,docs]"
 	touch $@
 
 data:
@@ -52,5 +52,13 @@ results: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_overhead.py
 
+# The documentation site (mkdocs.yml, pages in docs/) into site/, strict: a broken link or nav entry is an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The same, served at http://127.0.0.1:8000 with live reload while you edit the pages.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis fuzz-findings
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis fuzz-findings

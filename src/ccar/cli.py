@@ -1,4 +1,4 @@
-"""The ``ccar`` command: ``train``, ``eval``, ``retrain``, ``predict``, ``download``, ``sweep``.
+"""The ``ccar`` command: ``train``, ``eval``, ``retrain``, ``predict``, ``download``, ``sweep``, ``tune``.
 
 User errors print one line and exit with status 2.
 """
@@ -21,6 +21,7 @@ EPILOG = """examples:
   ccar retrain runs/ce method=crt               # two-stage decoupling: re-train the classifier (crt, lws, ft, las, ncm)
   ccar eval runs/ce tau_norm=auto              # tau-normalised classifier, tau chosen on the validation split
   ccar sweep configs/sweeps/fashion-mnist-lt.yaml
+  ccar tune dataset=folder data_root=~/photos budget=15m     # which method for my data? (pip install 'ccar[tune]')
   ccar train dataset=folder data_root=~/photos image_size=64   # your own class folders
   ccar predict runs/photos new/*.jpg --top-k 3 --out predictions.csv
   ccar download cifar100 --root data/cifar100
@@ -75,7 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--poll", type=float, default=None, metavar="SEC", help="seconds between looks at the queue (10)")
     g.add_argument("--sbatch", action="append", default=[], metavar="NAME=VALUE",
                    help="any other sbatch option, repeatable: --sbatch account=abc --sbatch qos=high")
+    tu = sub.add_parser("tune", help="choose the best method and knobs for your data within a time budget "
+                                     "(validation only; the winner's test split scored once)")
+    tu.add_argument("--config", help="YAML recipe (see configs/): the run settings every trial starts from")
+    tu.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="ccar train's keys, and budget=15m (s/m/h), objective=balanced|worst-class|tail|forward-F|"
+                         "backward-F|[w1,w2,...], candidates=CE,LA,cRT (or a sweep file), seeds=3, top=2, trials=N, "
+                         "pruner=hyperband|halving|none, out=DIR")
     return p
+
+
+def _cmd_tune(args) -> int:
+    from .engine.distributed import shutdown
+    from .tune import run_tune
+
+    try:
+        run_tune(args.config, args.overrides)
+    finally:
+        shutdown()
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -163,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.inputs += extra
     handler = {"train": _cmd_train, "eval": _cmd_eval, "retrain": _cmd_retrain, "predict": _cmd_predict,
-               "download": _cmd_download, "sweep": _cmd_sweep}[args.command]
+               "download": _cmd_download, "sweep": _cmd_sweep, "tune": _cmd_tune}[args.command]
     try:
         return handler(args)
     except CCARError as exc:

@@ -85,13 +85,24 @@ def agnostic_accuracy(per_class: Sequence[Optional[float]], class_counts: Sequen
     >>> {k: round(v, 2) for k, v in agnostic_accuracy([90.0, 60.0, 30.0], [100, 10, 1], factors=(4,)).items()}
     {'forward-4': 72.86, 'uniform': 60.0, 'backward-4': 47.14}
     """
-    out: Dict[str, Optional[float]] = {}
+    return {key: prior_accuracy(per_class, shifted_prior(class_counts, factor, direction))
+            for key, factor, direction in _agnostic_keys(factors)}
+
+
+def prior_accuracy(per_class: Sequence[Optional[float]], prior: Sequence[float]) -> Optional[float]:
+    """Accuracy (%) under a known test label distribution ``prior`` (one weight per class, any scale): the per-class
+    accuracies weighted by it, Σ q_c acc_c / Σ q_c over the classes that have samples (exact importance weighting,
+    as :func:`agnostic_accuracy` does for SADE's priors). None if no class with weight has samples.
+
+    >>> prior_accuracy([90.0, 60.0, 30.0], [2, 1, 1]), prior_accuracy([90.0, None], [1, 3])
+    (67.5, 90.0)
+    """
     present = [c for c, a in enumerate(per_class) if a is not None]
-    for key, factor, direction in _agnostic_keys(factors):
-        q = shifted_prior(class_counts, factor, direction)[present]
-        acc = torch.tensor([per_class[c] for c in present], dtype=torch.float64)
-        out[key] = float((q * acc).sum() / q.sum()) if present else None
-    return out
+    q = torch.as_tensor(prior, dtype=torch.float64)[present]
+    if not present or float(q.sum()) <= 0:
+        return None
+    acc = torch.tensor([per_class[c] for c in present], dtype=torch.float64)
+    return float((q * acc).sum() / q.sum())
 
 
 def per_class_accuracy(pred: torch.Tensor, targets: torch.Tensor, num_classes: int) -> List[Optional[float]]:

@@ -15,6 +15,7 @@ import torch
 from ..errors import DataError
 from . import downloads as dl
 from .profiles import long_tail_counts, long_tail_indices, stratified_split
+from .class_names import names_file, read_class_names
 from .folders import decode_all, fits_in_memory, folder_splits, survey_images
 from .sources import read_cifar, read_idx_pair, read_image_list, read_inat_json
 from .synthetic import GaussianLT, GaussianShape, balanced_accuracy, nearest_mean_predictions
@@ -213,6 +214,7 @@ class DataRequest:
     progress: bool = True
     classes: Optional[List[int]] = None  # synthetic long tails: these source classes only, relabelled 0..k-1
     gaussian: GaussianShape = field(default_factory=GaussianShape)  # gaussian-lt
+    class_names: Optional[str] = None  # a names file (ccar.data.class_names); unset: classes.txt/.json in data_root
 
     @property
     def root(self) -> Path:
@@ -270,7 +272,12 @@ def build_dataset(name: str, data_root: Optional[str] = None, imbalance: Optiona
     if unknown:
         raise DataError(f"build_dataset: unknown option {unknown[0]!r}")
     request = DataRequest(name, data_root, imbalance, profile, val_fraction, seed, n_max, **options)
-    return check_classes(BUILDERS[name](request), data_root)
+    names = names_file(name, data_root, request.class_names)  # (a missing file: an error before any work)
+    data = check_classes(BUILDERS[name](request), data_root)
+    if names is not None:
+        data.class_names = read_class_names(names, data.class_names or [str(c) for c in range(data.num_classes)])
+        data.note += f"{'; ' if data.note else ''}class names from {names}"
+    return data
 
 
 def check_classes(data: LongTailData, data_root: Optional[str] = None) -> LongTailData:

@@ -27,10 +27,10 @@ from .profiles import long_tail_counts
 class GaussianShape:
     """The shape of ``gaussian-lt``: the config's ``synthetic`` section."""
 
-    num_classes: int = 100
-    dim: int = 32
-    separation: float = 3.0
-    test_per_class: int = 100
+    num_classes: int = 100  # C, the number of classes
+    dim: int = 32  # d, the dimension of the inputs
+    separation: float = 3.0  # means separation * u_c, u_c ~ N(0, I_d / d): two lie about separation * sqrt(2) apart
+    test_per_class: int = 100  # test samples of each class (the test set is balanced)
 
     def problems(self) -> List[Tuple[str, str, object]]:
         """(field, valid range, value) of every field out of its range; empty when all are valid."""
