@@ -25,6 +25,7 @@ import torch
 from ..config import TrainConfig, to_dict
 from ..data.loaders import DeviceLoader
 from ..errors import CCARError
+from ..tuning import flatten
 from .finish import finish
 from .packed import CapturedPackedStep, PackedModels, PackedStep, StackedSGD
 from .preemption import Preempted
@@ -65,16 +66,9 @@ def pack_capture_blocker(run) -> Optional[str]:
 
 def pack_key(cfg: TrainConfig) -> str:
     """What runs must share to train as one pack: the config without :data:`CELL_OWN`."""
-    flat = _flat(to_dict(cfg))
+    flat = flatten("", to_dict(cfg))
     return repr(sorted((k, repr(v)) for k, v in flat.items()
                        if not any(k == own or k.startswith(own + ".") for own in CELL_OWN)))
-
-
-def _flat(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 class PackedTrainer:
@@ -204,7 +198,7 @@ def train_pack(cfgs: Sequence[TrainConfig], resumes: Sequence[bool], log=print) 
         packed = PackedTrainer(trainers)
     except (PackError, ValueError) as exc:
         log(f"pack of {len(cfgs)}: trained one by one ({exc})")
-        return [train(cfg, resume=True if (cfg.run_dir() / "checkpoint.safetensors").exists() else resume, log=log)
+        return [train(cfg, resume=resume or (cfg.run_dir() / "checkpoint.safetensors").exists(), log=log)
                 for cfg, resume in zip(cfgs, resumes)]
     how = "one CUDA graph" if packed.why is None else f"eager ({packed.why})"
     log(f"pack of {len(cfgs)} cells ({', '.join(str(c.run_dir()) for c in cfgs)}): one vmapped program, step {how}")

@@ -20,18 +20,10 @@ import torch
 
 from ..data.loaders import random_crop_flip
 from ..losses.experts import fit_expert_weights
-from ..metrics import AGNOSTIC_FACTORS, shifted_prior
+from ..metrics import AGNOSTIC_FACTORS, _agnostic_keys, shifted_prior
 from .build import make_loaders
 from .distributed import DistContext
 from .run import Run
-
-
-def _agnostic_priors():
-    for factor in AGNOSTIC_FACTORS:
-        yield f"forward-{factor}", factor, "forward"
-    yield "uniform", 1, "forward"
-    for factor in reversed(AGNOSTIC_FACTORS):
-        yield f"backward-{factor}", factor, "backward"
 
 
 @torch.no_grad()
@@ -80,7 +72,7 @@ def self_supervised_aggregation(run: Run) -> Dict[str, Dict[str, object]]:
     v1, v2, targets = expert_views(run, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     out: Dict[str, Dict[str, object]] = {}
-    for key, factor, direction in _agnostic_priors():
+    for key, factor, direction in _agnostic_keys(AGNOSTIC_FACTORS):
         idx = subsample(targets, shifted_prior(run.data.class_counts, factor, direction).float(), generator)
         a, b, y = v1[:, idx], v2[:, idx], targets[idx]
         weights = fit_expert_weights(a, b, generator=torch.Generator().manual_seed(seed + 2))
