@@ -275,6 +275,19 @@ def test_max_norm_bounds_every_classifier_row(digits, tmp_path):
 # --- BatchNorm over the global batch (CPU stand-in for SyncBatchNorm) ------------------------------------------------
 
 
+def test_global_batchnorm_keeps_frozen_parameters_frozen():
+    """A frozen BatchNorm (PaCo's key encoder, a frozen backbone) stays frozen: DDP would otherwise wait for its
+    gradients, and the optimizer would train it under torchrun only."""
+    from ccar.engine.sync_bn import convert_sync_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3))
+    model[0].requires_grad_(False)
+    model[0].weight.data.fill_(2.0)
+    out = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert [p.requires_grad for p in out.parameters()] == [False, False, True, True]
+    assert torch.equal(out[0].weight, torch.full((3,), 2.0))
+
+
 def _global_bn_worker(rank, port, x, dy, out):
     import torch.distributed as dist
 

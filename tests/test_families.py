@@ -66,3 +66,30 @@ def test_bad_family_settings_are_one_line_errors(extra, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(None, FAST + extra)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, attrs", [
+    (["loss.name=ride", "loss.diversity_weight=-0.1", "loss.base_temperature=2.0", "loss.reweight_factor=0.02",
+      "loss.max_margin=0.3", "loss.scale=20"],
+     {"diversity_weight": -0.1, "base_temperature": 2.0, "reweight_factor": 0.02, "max_margin": 0.3, "scale": 20.0}),
+    (["loss.name=ccar", "loss.base=sade", "loss.inverse_lambda=1.0", "loss.omega=0.5"], {"inverse_lambda": 1.0}),
+    (["loss.name=gpaco", "loss.alpha=0.05", "loss.beta=0.5", "loss.gamma=0.0", "loss.temperature=0.2"],
+     {"alpha": 0.05, "beta": 0.5, "gamma": 0.0, "temperature": 0.2}),
+    (["loss.name=ccar", "loss.base=bcl", "loss.temperature=0.1", "loss.ce_weight=1.0", "loss.contrast_weight=0.35",
+      "loss.tau=0.5"], {"temperature": 0.1, "ce_weight": 1.0, "contrast_weight": 0.35, "tau": 0.5}),
+])
+def test_each_family_knob_reaches_its_loss(args, attrs):
+    from ccar.losses import build_loss
+
+    c = load_config(None, FAST + args)
+    loss_fn = build_loss(c.loss.name, [60, 30, 10], **c.loss.options())
+    assert {k: getattr(loss_fn, k) for k in attrs} == pytest.approx(attrs)
+    assert loss_fn.ccar == (c.loss.name == "ccar")
+
+
+def test_a_knob_of_another_loss_is_a_one_line_error_naming_the_loss_s_options(digits, tmp_path):
+    from ccar.errors import LossError
+
+    with pytest.raises(LossError, match=r"sade: unknown option\(s\) alpha; options of 'sade': inverse_lambda") as info:
+        train(cfg(digits, tmp_path / "run", "loss.name=sade", "loss.alpha=0.1"), log=lambda *_: None)
+    assert "\n" not in str(info.value)

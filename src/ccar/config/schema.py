@@ -49,12 +49,24 @@ class LossConfig:
     normalize: Optional[str] = None  # ccar: batch divides by the batch mean of Omega (unset: no normalisation)
     frequency: Optional[str] = None  # ccar: sum (f_c = n_y / sum n, the paper) or max (n_y / max n, an extension)
     strength: Optional[float] = None  # ccar: exponent on Omega (0 turns CCAR off, 1 is the paper)
-    gamma: Optional[float] = None  # focal exponent (focal, cb-focal, cb with form=focal); vs: (n_c / n_max)^gamma
-    beta: Optional[float] = None  # class-balanced weights (1 - beta) / (1 - beta^n_c), beta in [0, 1)
+    gamma: Optional[float] = None  # focal exponent (focal, cb-focal, cb with form=focal); vs: (n_c / n_max)^gamma;
+    # paco, gpaco: the weight of the samples in the contrastive softmax's denominator (1.0)
+    beta: Optional[float] = None  # class-balanced weights (1 - beta) / (1 - beta^n_c), beta in [0, 1); paco, gpaco:
+    # the weight of the sample's own class centre as a positive (1.0)
     form: Optional[str] = None  # cb: ce or focal
-    tau: Optional[float] = None  # la, vs: the logit adjustment tau * log(prior)
-    max_margin: Optional[float] = None  # ldam: the margin of the rarest class (margins proportional to n^-1/4)
-    scale: Optional[float] = None  # ldam: the scale of the logits after the margin
+    tau: Optional[float] = None  # la, vs, bcl: the logit adjustment tau * log(prior)
+    max_margin: Optional[float] = None  # ldam, ride: the margin of the rarest class (margins proportional to n^-1/4)
+    scale: Optional[float] = None  # ldam, ride: the scale of the logits after the margin
+    diversity_weight: Optional[float] = None  # ride: the factor of the KL between each expert and the ensemble
+    # (-0.2: rewards disagreement, RIDE's)
+    base_temperature: Optional[float] = None  # ride: the diversity term's softmax temperature (1.0)
+    reweight_factor: Optional[float] = None  # ride: after drw_epoch, per-class diversity temperatures from
+    # C * prior * factor + 1 - factor (0.05)
+    inverse_lambda: Optional[float] = None  # sade: the third expert's inverse-prior adjustment strength (2.0)
+    alpha: Optional[float] = None  # paco, gpaco: the weight of each same-class sample in the contrastive term (0.01)
+    temperature: Optional[float] = None  # paco, gpaco (0.05), bcl (0.07): the contrastive temperature
+    ce_weight: Optional[float] = None  # bcl: the weight of the logit-compensated CE (2.0)
+    contrast_weight: Optional[float] = None  # bcl: the weight of the balanced contrastive term (0.6)
     smooth_head: Optional[float] = None  # las: label smoothing of the most frequent class (0.4)
     smooth_tail: Optional[float] = None  # las: of the rarest (0.1)
     smooth_shape: Optional[str] = None  # las: concave, linear or convex in between

@@ -87,6 +87,8 @@ def _convert(module: nn.Module) -> nn.Module:
         with torch.no_grad():
             out.weight.copy_(module.weight)
             out.bias.copy_(module.bias)
+        out.weight.requires_grad_(module.weight.requires_grad)  # (frozen stays frozen: PaCo's key encoder, a
+        out.bias.requires_grad_(module.bias.requires_grad)  # frozen backbone's BatchNorm)
         if module.track_running_stats:
             out.running_mean.copy_(module.running_mean)
             out.running_var.copy_(module.running_var)
