@@ -93,3 +93,35 @@ def test_a_knob_of_another_loss_is_a_one_line_error_naming_the_loss_s_options(di
     with pytest.raises(LossError, match=r"sade: unknown option\(s\) alpha; options of 'sade': inverse_lambda") as info:
         train(cfg(digits, tmp_path / "run", "loss.name=sade", "loss.alpha=0.1"), log=lambda *_: None)
     assert "\n" not in str(info.value)
+
+
+def test_predict_aggregates_experts_as_trained_or_learns_their_weights_on_the_inputs(digits, tmp_path, capsys):
+    """`ccar predict` of a SADE run: equal weights by default (the model's own aggregation, as `ccar eval`), or
+    with test_time_aggregation=self-supervised weights learnt on the inputs (reported on stderr)."""
+    import numpy as np
+    from PIL import Image
+
+    from ccar.cli import main
+    from ccar.engine.predict import predict_run
+
+    out = tmp_path / "run"
+    train(cfg(digits, out, "loss.name=sade", "test_time_aggregation=none"), log=lambda *_: None)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(40):  # the fixture's images: class c has brightness ~ 25 c
+        c = i % 10
+        Image.fromarray((rng.integers(0, 12, (8, 8)) + 25 * c).clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    names, equal, _ = predict_run(out, [str(folder)])
+    assert len(names) == 40 and torch.allclose(equal.sum(1), torch.ones(40), atol=1e-5)
+    messages = []
+    _, learnt, _ = predict_run(out, [str(folder)], overrides=["test_time_aggregation=self-supervised"],
+                               log=messages.append)
+    assert len(messages) == 1 and "expert weights" in messages[0] and "learnt on these 40 inputs" in messages[0]
+    weights = [float(w) for w in messages[0].split("expert weights ")[1].split(" learnt")[0].split(", ")]
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 2e-3
+    assert not torch.allclose(learnt, equal) and torch.allclose(learnt.sum(1), torch.ones(40), atol=1e-5)
+    again = predict_run(out, [str(folder)], overrides=["test_time_aggregation=self-supervised"])[1]
+    assert torch.equal(again, learnt)  # seeded: the same weights every time
+    assert main(["predict", str(out), str(folder), "test_time_aggregation=self-supervised", "--top-k", "1"]) == 0
+    assert "expert weights" in capsys.readouterr().err

@@ -431,3 +431,15 @@ def test_interface_for_the_engine():
     ride.set_epoch(2)
     assert ride.drw_active and "drw_epoch=2" in repr(ride)
     assert not build_loss("sade", COUNTS3).drw_active
+
+
+def test_the_methods_page_worked_examples():
+    """docs/methods.md's hand-worked SADE and PaCo examples, as the library computes them."""
+    y, out = torch.tensor([0]), {"experts": torch.zeros(3, 1, 2)}
+    assert SADELoss([3, 1])(out, y).item() == pytest.approx(1.017197, abs=1e-6)
+    assert build_loss("ccar", [3, 1], base="sade")(out, y).item() == pytest.approx(1.138656, abs=1e-6)
+    assert SADELoss([3, 1]).shifts[2].tolist() == pytest.approx([2.484907, -0.810930], abs=1e-6)
+    pac = {"logits": torch.tensor([[1.0, 0.0]] * 2), "features": torch.tensor([[1.0, 0.0]] * 2)}
+    assert PaCoLoss([3, 1], alpha=1.0, temperature=1.0)(pac, y).item() == pytest.approx(0.754677, abs=1e-6)
+    assert build_loss("ccar", [3, 1], base="paco", alpha=1.0, temperature=1.0)(pac, y).item() == pytest.approx(
+        0.701021, abs=1e-6)

@@ -129,7 +129,8 @@ def _cmd_predict(args) -> int:
     inputs = [i for i in args.inputs if i not in overrides]
     if not inputs:
         raise ConfigError("ccar predict needs at least one INPUT (image, folder, .csv or feature file)")
-    names, probs, classes = predict_run(Path(args.run_dir), inputs, args.which, overrides, args.top_k)
+    names, probs, classes = predict_run(Path(args.run_dir), inputs, args.which, overrides, args.top_k,
+                                        log=lambda msg: print(msg, file=sys.stderr))
     path = write_predictions(names, probs, classes, args.top_k, args.out)
     if path:
         print(f"{len(names)} predictions written to {path}", file=sys.stderr)

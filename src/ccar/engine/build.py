@@ -36,7 +36,8 @@ def data_description(data: LongTailData) -> Dict[str, object]:
     """What predicting needs of the training data, without the data: classes, shapes, normalisation."""
     return {"name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
             "class_counts": data.class_counts, "input_shape": list(data.input_shape), "kind": data.kind,
-            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": data.image_size}
+            "mean": list(data.augment.mean), "std": list(data.augment.std), "image_size": data.image_size,
+            "crop_padding": data.augment.crop_padding, "flip": data.augment.flip}
 
 
 def save_data_description(data: LongTailData, path: Path) -> None:

@@ -2,7 +2,9 @@
 
 INPUT is image files or folders (for image runs), CSV files (csv runs: the saved ``preprocessing.json``) or
 feature files (.npz / .safetensors / .npy; features runs). The run's post-hoc settings apply (``posthoc_tau``,
-``tau_norm``), and may be overridden with ``key=value``. The output holds, per input, its name and the top-k
+``tau_norm``), and may be overridden with ``key=value``; a multi-expert model (RIDE, SADE) averages its experts as
+trained, or learns their weights on the inputs with ``test_time_aggregation=self-supervised`` (SADE's test-time
+aggregation: the inputs are the unlabeled test set). The output holds, per input, its name and the top-k
 class names with their probabilities, as CSV or JSON lines.
 """
 
@@ -24,7 +26,9 @@ from ..data import Augment, ImageFileDataset, ImageFiles, normalize
 from ..data.folders import IMAGE_EXTENSIONS, decode_image
 from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
 from ..errors import ConfigError, DataError
+from ..data.loaders import random_crop_flip
 from ..losses import posthoc_logit_adjustment
+from ..losses.experts import fit_expert_weights
 from . import checkpoint as ckpt
 from .build import DATA_FILE, data_description, dataset_from_config, load_run, model_from_config
 from .decoupling import TauNorm, resolve_tau_norm
@@ -38,7 +42,8 @@ class _Described:
     def __init__(self, d: Dict[str, object]):
         self.name, self.num_classes, self.class_names = d["name"], d["num_classes"], list(d["class_names"])
         self.class_counts, self.input_shape, self.kind = list(d["class_counts"]), tuple(d["input_shape"]), d["kind"]
-        self.augment = Augment(mean=tuple(d["mean"]), std=tuple(d["std"]))
+        self.augment = Augment(crop_padding=int(d.get("crop_padding", 2)), flip=bool(d.get("flip", False)),
+                               mean=tuple(d["mean"]), std=tuple(d["std"]))  # (runs before ccar saved the crop)
         self.image_size = d["image_size"]
 
 
@@ -101,9 +106,32 @@ def _batches(desc, inputs: Sequence[str], run_dir: Path, batch_size: int = 256):
                                      for i in range(0, len(paths), batch_size))
 
 
+@torch.no_grad()
+def _self_supervised(model, batches, desc, device, precision, seed: int, log) -> torch.Tensor:
+    """SADE's test-time aggregation on the inputs themselves: the expert weights learnt from two views of them (as
+    evaluated, and a seeded random crop/flip), then the weighted experts' logits (N, C) of the first view."""
+    generator = torch.Generator().manual_seed(seed)
+    views: Tuple[list, list] = ([], [])
+    for x in batches:
+        x = x.to(device)
+        second = random_crop_flip(x, max(desc.augment.crop_padding, 2), desc.augment.flip, generator)
+        for out, batch in zip(views, (x, second)):
+            with precision.autocast(device):
+                out.append(model.expert_logits(normalize(batch, desc.augment)).float().cpu())
+    v1, v2 = torch.cat(views[0], 1), torch.cat(views[1], 1)
+    weights = fit_expert_weights(v1, v2, generator=torch.Generator().manual_seed(seed + 2))
+    if log is not None:
+        log(f"test_time_aggregation=self-supervised: expert weights {', '.join(f'{float(w):.3f}' for w in weights)} "
+            f"learnt on these {v1.shape[1]} inputs" + (" (few: SADE learns them on a test set)" if v1.shape[1] < 128
+                                                      else ""))
+    return torch.einsum("e,enc->nc", weights.float(), v1)
+
+
 def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overrides: Sequence[str] = (),
-                top_k: int = 5) -> Tuple[List[str], torch.Tensor, List[str]]:
-    """(input names, probabilities (N, C), class names) of ``run_dir``'s model on ``inputs``."""
+                top_k: int = 5, log=None) -> Tuple[List[str], torch.Tensor, List[str]]:
+    """(input names, probabilities (N, C), class names) of ``run_dir``'s model on ``inputs``. A multi-expert model
+    aggregates its experts as trained (equal weights), or, with ``test_time_aggregation=self-supervised``, with
+    weights learnt on the inputs themselves (SADE; ``log`` is told them)."""
     run_dir = Path(run_dir)
     config, weights = run_dir / "config.yaml", run_dir / f"{which}.safetensors"
     if not config.is_file() or not weights.is_file():
@@ -125,6 +153,9 @@ def predict_run(run_dir: Path, inputs: Sequence[str], which: str = "best", overr
     model.eval()
     precision = resolve_precision(cfg.amp, device)
     names, batches = _batches(desc, inputs, run_dir)
+    if cfg.test_time_aggregation == "self-supervised":
+        logits = _self_supervised(model, batches, desc, device, precision, cfg.seed, log) * eval_logit_scale(cfg)
+        return names, torch.softmax(logits, 1), desc.class_names
     outputs = []
     with TauNorm(model, tau) if tau is not None else contextlib.nullcontext(), torch.no_grad():
         for x in batches:
