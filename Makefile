@@ -42,7 +42,8 @@ keel: $(STAMP)
 
 # Every study of docs/results.md (hours on 2 CPU cores; each sweep resumes where it stopped). REPORT_ONLY=1 only
 # regenerates the tables and figures from the committed results.jsonl files.
-STUDIES := gaussian-lt keel-natural-lt fashion-mnist-lt-tails ablations transfer-fashion transfer-mnist fashion-mnist-lt-recipes
+STUDIES := gaussian-lt keel-natural-lt fashion-mnist-lt-tails ablations transfer-fashion transfer-mnist fashion-mnist-lt-recipes \
+           long-tail-families
 PRETRAINED := mnist fashion-0-4  # study 5's upstream backbones (configs/pretrain/)
 results: $(STAMP)
 	$(if $(REPORT_ONLY),,sh scripts/get-fashion-mnist.sh && sh scripts/get-mnist.sh && $(BIN)/python scripts/get-keel.py)

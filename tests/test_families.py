@@ -125,3 +125,42 @@ def test_predict_aggregates_experts_as_trained_or_learns_their_weights_on_the_in
     assert torch.equal(again, learnt)  # seeded: the same weights every time
     assert main(["predict", str(out), str(folder), "test_time_aggregation=self-supervised", "--top-k", "1"]) == 0
     assert "expert weights" in capsys.readouterr().err
+
+
+def test_families_in_a_sweep_report_their_pairs_and_sade_s_aggregation(digits, tmp_path):
+    import yaml
+
+    from ccar.sweep import read_results, run_sweep
+
+    spec = {"out": str(tmp_path / "sweep"), "runs": str(tmp_path / "runs"),
+            "base": {"dataset": "mnist-lt", "data_root": str(digits), "imbalance": 10, "epochs": 1, "amp": "off",
+                     "model": {"width": 4}, "optim": {"batch_size": 32}, "threads": 1},
+            "seeds": [0],
+            "methods": {"SADE": {"loss.name": "sade"}, "CCAR-SADE": {"loss.name": "ccar", "loss.base": "sade"},
+                        "GPaCo": {"loss.name": "gpaco"}},
+            "report": {"baselines": {"CCAR-SADE": "SADE"}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    text = run_sweep(str(tmp_path / "s.yaml"), log=lambda *_: None).read_text()
+    rows = read_results(tmp_path / "sweep" / "results.jsonl")
+    assert sorted(r["method"] for r in rows) == ["CCAR-SADE", "GPaCo", "SADE"]
+    assert "CCAR-SADE − SADE" in text and "SADE's test-time aggregation" in text
+    assert "| CCAR-SADE | self-supervised |" in text and "| GPaCo | self-supervised |" not in text
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet32"])
+def test_a_multi_expert_model_aggregates_as_documented(name):
+    """Training: the experts' logits (E, B, C) and their mean; evaluation: the expert_weights-weighted sum (equal
+    weights as built; SADE's learnt weights when set), which is what eval, predict and every metric see."""
+    from ccar.models.families import multi_expert
+
+    torch.manual_seed(0)
+    model = multi_expert(name, 5, (3, 16, 16), 3, 0.75, width=4, depth=8, cosine_head=False)
+    x = torch.randn(6, 3, 16, 16)
+    model.eval()
+    z = model.expert_logits(x)
+    assert z.shape == (3, 6, 5) and torch.allclose(model(x), z.mean(0), atol=1e-6)
+    model.expert_weights.copy_(torch.tensor([0.2, 0.3, 0.5]))
+    assert torch.allclose(model(x), 0.2 * z[0] + 0.3 * z[1] + 0.5 * z[2], atol=1e-6)
+    model.train()
+    out = model(x)
+    assert out["experts"].shape == (3, 6, 5) and torch.allclose(out["logits"], out["experts"].mean(0), atol=1e-6)
