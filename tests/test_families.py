@@ -61,6 +61,8 @@ def test_a_paco_run_stopped_mid_epoch_resumes_bit_identically(digits, tmp_path, 
     (["loss.name=sade", "model.experts=2"], "model.experts must be 3 for sade"),
     (["loss.name=bcl", "mix=mixup"], "mix must be none with loss bcl"),
     (["loss.name=ce", "test_time_aggregation=self-supervised"], "test_time_aggregation must be auto or none"),
+    (["loss.name=sade", "model.head=cosine"], "model.head must be linear or auto with loss sade"),
+    (["loss.name=ccar", "loss.base=bcl", "model.head=cosine"], "model.head must be linear or auto with loss bcl"),
 ])
 def test_bad_family_settings_are_one_line_errors(extra, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -164,3 +166,17 @@ def test_a_multi_expert_model_aggregates_as_documented(name):
     model.train()
     out = model(x)
     assert out["experts"].shape == (3, 6, 5) and torch.allclose(out["logits"], out["experts"].mean(0), atol=1e-6)
+
+
+def test_paco_s_queue_takes_the_last_keys_of_a_batch_larger_than_itself():
+    from ccar.models import build_model
+    from ccar.models.families import Contrastive
+
+    torch.manual_seed(0)
+    model = Contrastive(build_model("cnn", 3, (1, 8, 8), width=2), dim=4, queue=5)
+    keys, targets = torch.randn(7, 4), torch.arange(7) % 3
+    model._enqueue(keys, targets)
+    assert torch.equal(model.queue, keys[2:]) and torch.equal(model.queue_targets, targets[2:])
+    assert int(model.queue_ptr) == 0
+    model._enqueue(keys[:2], targets[:2])  # then the oldest slots are overwritten first
+    assert torch.equal(model.queue[:2], keys[:2]) and int(model.queue_ptr) == 2

@@ -115,6 +115,8 @@ def _families(cfg: TrainConfig) -> None:
     _check(0 <= m.key_momentum < 1, "model.key_momentum", "a number in [0, 1)", m.key_momentum)
     if family is None:
         return
+    _check(m.head != "cosine" or method == "ride", "model.head", f"linear or auto with loss {method} (its loss "
+           "takes the logits unscaled: a cosine head's would stay in [-1, 1])", m.head)
     name = f"loss {method}" + (" under ccar" if cfg.loss.name == "ccar" else "")
     for blocked, key, value in ((cfg.retrain is not None, "retrain", cfg.retrain),
                                 (cfg.tau_norm is not None, "tau_norm", cfg.tau_norm),

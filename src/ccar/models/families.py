@@ -5,8 +5,10 @@ their losses need (``"experts"``; ``"features"``, ``"prototypes"``, ``"keys"``, 
 return logits like every other model, so evaluation, ``ccar eval`` and ``ccar predict`` need nothing new:
 
 - :class:`MultiExpert`: a shared early backbone and E expert branches (the last stage, its pooling and its
-  classifier per expert, at ``expert_width`` of the single model's width, as RIDE does); the prediction is the
-  weighted average of the experts' logits (weights: a buffer, equal unless SADE's test-time aggregation set them);
+  classifier per expert, at ``expert_width`` of the single model's width, reduced as RIDE does; RIDE's and SADE's
+  code branch one stage earlier, each expert owning its last two stages: a departure, docs/methods.md); the
+  prediction is the weighted average of the experts' logits (weights: a buffer, equal unless SADE's test-time
+  aggregation set them);
 - :class:`Contrastive`: a backbone with its classifier plus a projection head (two layers, L2-normalised output)
   over the pooled features; BCL adds a prototype head over the classifier's weights; PaCo adds a momentum encoder
   and a queue of its keys (MoCo's), both saved with the weights so a resumed run continues them.
@@ -88,8 +90,10 @@ class MultiExpert(nn.Module):
 
 def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_width: float, *, width: int = 32,
                  depth: int = 32, cosine_head: bool = False) -> MultiExpert:
-    """RIDE's architecture over ccar's ResNet-32 (shared stem and first two stages; each expert its third stage)
-    or compact CNN (shared first two stages; each expert its third), each expert at ``expert_width`` of the width."""
+    """RIDE's kind of architecture over ccar's ResNet-32 (shared stem and first two stages; each expert its third
+    stage) or compact CNN (shared first two stages; each expert its third), each expert at ``expert_width`` of the
+    width. (RIDE's and SADE's ResNet-32 share only the stem and first stage; each of their experts owns stages 2 and
+    3, at 24 and 48 channels.)"""
     if experts < 2:
         raise ConfigError(f"model.experts must be at least 2 for a multi-expert model; got {experts}")
     c = input_shape[0]
@@ -184,10 +188,13 @@ class Contrastive(nn.Module):
         return out
 
     def _enqueue(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
-        n, size = len(keys), len(self.queue)
+        size = len(self.queue)
+        if len(keys) > size:  # a (global) batch larger than the queue: its last keys fill it
+            keys, targets = keys[-size:], targets[-size:]
+        n = len(keys)
         rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
-        self.queue[rows] = keys[-size:] if n > size else keys
-        self.queue_targets[rows] = targets[-size:] if n > size else targets
+        self.queue[rows] = keys
+        self.queue_targets[rows] = targets
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
 
