@@ -148,16 +148,16 @@ def test_expert_families_and_paco_s_queue_under_two_processes_match_one_at_the_s
 
     root = make_idx_dataset(tmp_path / "digits", n_per_class=(24,) * 10, test_per_class=4)  # 240 rows: 15 x 16
     common = ["dataset=mnist-lt", "imbalance=1", f"data_root={root}", "val_fraction=0", "model.width=4",
-              "epochs=2", "sync_bn=true", "optim.lr=0.05", "threads=1", "progress=false", "amp=off", *method]
+              "epochs=2", "sync_bn=true", "optim.lr=0.01", "threads=1", "progress=false", "amp=off", *method]
     train(load_config(None, common + ["optim.batch_size=16", f"out={tmp_path / 'one'}"]), log=lambda *_: None)
     torchrun(2, common + ["optim.batch_size=8", f"out={tmp_path / 'two'}"], tmp_path)
     one, two = (load_file(tmp_path / n / "last.safetensors") for n in ("one", "two"))
     assert one.keys() == two.keys()
-    # RIDE's logits are scaled by 30 (LDAM's s): the float rounding of the two reductions (~1e-6 after one step,
-    # measured) grows over 30 steps to ~1e-4 of a tensor's largest value; a rank-local statistic would be ~1e-1
+    # relative to each tensor's largest value: measured at most 9e-6 (RIDE, whose logits are scaled by 30) and 8e-7
+    # (SADE); at lr 0.05 the rounding of the two reductions grows chaotically to 1e-2 in 30 steps, so lr is 0.01
     err = max(((one[k].double() - two[k].double()).abs().max() / one[k].double().abs().max().clamp_min(1e-3)).item()
               for k in one if one[k].is_floating_point())
-    assert err < 1e-3, err
+    assert err < 1e-4, err
     if "model.queue=64" in method:
         assert torch.equal(one["queue_targets"], two["queue_targets"]) and int((one["queue_targets"] >= 0).sum()) > 0
     m1, m2 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))

@@ -107,7 +107,7 @@ class ModelConfig:
     weights: Optional[str] = None  # a .safetensors file to start from (a ccar run's best.safetensors included)
     pretrained: bool = False  # timm:<name>: timm's pretrained weights (hub/cache, or model.weights as timm's file)
     experts: int = 0  # multi-expert models (loss ride, sade): expert branches; 0 = auto (3 for ride and sade)
-    expert_width: float = 0.75  # each expert's width, a fraction of the single model's last stage (RIDE: 48 of 64)
+    expert_width: float = 0.75  # each expert's widths, a fraction of the single model's later stages (RIDE: 24 of 32, 48 of 64)
     projection: int = 128  # contrastive losses (paco, gpaco, bcl): the projection head's output dimension
     queue: int = 4096  # paco: the momentum encoder's queue of keys (MoCo's); gpaco and bcl have none
     key_momentum: float = 0.999  # paco: the momentum encoder's update, key <- m * key + (1 - m) * online

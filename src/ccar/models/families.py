@@ -4,9 +4,8 @@ In training these models return a dict of tensors -- ``"logits"`` (what the loop
 their losses need (``"experts"``; ``"features"``, ``"prototypes"``, ``"keys"``, ``"queue"``); in evaluation they
 return logits like every other model, so evaluation, ``ccar eval`` and ``ccar predict`` need nothing new:
 
-- :class:`MultiExpert`: a shared early backbone and E expert branches (the last stage, its pooling and its
-  classifier per expert, at ``expert_width`` of the single model's width, reduced as RIDE does; RIDE's and SADE's
-  code branch one stage earlier, each expert owning its last two stages: a departure, docs/methods.md); the
+- :class:`MultiExpert`: a shared early backbone (stem and first stage) and E expert branches (the later stages,
+  pooling and classifier per expert, at ``expert_width`` of the single model's widths, as RIDE and SADE do); the
   prediction is the weighted average of the experts' logits (weights: a buffer, equal unless SADE's test-time
   aggregation set them);
 - :class:`Contrastive`: a backbone with its classifier plus a projection head (two layers, L2-normalised output)
@@ -90,10 +89,9 @@ class MultiExpert(nn.Module):
 
 def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_width: float, *, width: int = 32,
                  depth: int = 32, cosine_head: bool = False) -> MultiExpert:
-    """RIDE's kind of architecture over ccar's ResNet-32 (shared stem and first two stages; each expert its third
-    stage) or compact CNN (shared first two stages; each expert its third), each expert at ``expert_width`` of the
-    width. (RIDE's and SADE's ResNet-32 share only the stem and first stage; each of their experts owns stages 2 and
-    3, at 24 and 48 channels.)"""
+    """RIDE's architecture (also SADE's) over ccar's ResNet-32 or compact CNN: the stem and first stage shared, each
+    expert its own second and third stages at ``expert_width`` of their widths (ResNet-32 at 0.75: 24 and 48
+    channels, as RIDE's), its pooling and its classifier."""
     if experts < 2:
         raise ConfigError(f"model.experts must be at least 2 for a multi-expert model; got {experts}")
     c = input_shape[0]
@@ -101,32 +99,30 @@ def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_
         if (depth - 2) % 6:
             raise ConfigError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        blocks, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2)):
-            for i in range(n):
-                blocks.append(_Block(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-        trunk = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), *blocks)
-        last = max(in_planes, 2 * round(64 * expert_width / 2))
+        trunk = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                              *[_Block(16, 16, 1) for _ in range(n)])
+        mid, last = (max(2, 2 * round(planes * expert_width / 2)) for planes in (32, 64))
 
         def branch():
-            layers = [_Block(in_planes if i == 0 else last, last, 2 if i == 0 else 1) for i in range(n)]
+            layers, in_planes = [], 16
+            for planes in (mid, last):
+                for i in range(n):
+                    layers.append(_Block(in_planes, planes, 2 if i == 0 else 1))
+                    in_planes = planes
             return _Expert(nn.Sequential(*layers), last, num_classes, cosine_head)
     elif name == "cnn":
-        layers, c_in = [], c
-        for stage, planes in enumerate((width, 2 * width)):
-            if stage:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2):
-                layers += [nn.Conv2d(c_in, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes), nn.ReLU()]
-                c_in = planes
-        trunk = nn.Sequential(*layers, nn.MaxPool2d(2))
-        last = max(1, round(4 * width * expert_width))
+        trunk = nn.Sequential(*[m for i in range(2) for m in (
+            nn.Conv2d(c if i == 0 else width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())])
+        mid, last = (max(1, round(planes * expert_width)) for planes in (2 * width, 4 * width))
 
         def branch():
-            convs = [nn.Conv2d(c_in, last, 3, padding=1, bias=False), nn.BatchNorm2d(last), nn.ReLU(),
-                     nn.Conv2d(last, last, 3, padding=1, bias=False), nn.BatchNorm2d(last), nn.ReLU()]
-            return _Expert(nn.Sequential(*convs), last, num_classes, cosine_head)
+            layers, c_in = [], width
+            for planes in (mid, last):
+                layers.append(nn.MaxPool2d(2))
+                for _ in range(2):
+                    layers += [nn.Conv2d(c_in, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes), nn.ReLU()]
+                    c_in = planes
+            return _Expert(nn.Sequential(*layers), last, num_classes, cosine_head)
     else:
         raise ConfigError(f"multi-expert models (model.experts > 1) are built over resnet32 or cnn; got "
                           f"model.name={name}")
@@ -142,7 +138,8 @@ class Contrastive(nn.Module):
     with ``targets`` returns the classifier's logits and the projected, L2-normalised features of every row (the
     views stacked), BCL's ``prototypes`` (its head over the classifier's weights) when ``prototypes``, and PaCo's
     ``keys`` / ``queue`` when ``queue`` > 0 (a momentum encoder of ``base`` and the projection, updated before each
-    training forward pass; the keys of the second view are queued after the queue is read)."""
+    training forward pass; the keys of the second view are queued after the queue is read; the online encoder
+    then sees the first view, the query, alone: logits and features of its B rows)."""
 
     def __init__(self, base: nn.Module, dim: int = 128, prototypes: bool = False, queue: int = 0,
                  momentum: float = 0.999):
@@ -168,12 +165,13 @@ class Contrastive(nn.Module):
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
         if not self.training:
             return self.base(x)
-        h = self.base.embed(x)
+        paco = self.key_encoder is not None and targets is not None
+        h = self.base.embed(x[: len(targets)] if paco else x)  # (PaCo's online encoder sees the query view only)
         out: Dict[str, torch.Tensor] = {"logits": self.base.fc(h), "features": F.normalize(self.proj(h).float(), dim=1)}
         if self.prototype_head is not None:
             weight = self.base.fc.weight if isinstance(self.base.fc, nn.Linear) else self.base.fc.weight.t()
             out["prototypes"] = F.normalize(self.prototype_head(weight).float(), dim=1)
-        if self.key_encoder is not None and targets is not None:
+        if paco:
             out.update(self._keys(x[len(targets): 2 * len(targets)], targets))
         return out
 
