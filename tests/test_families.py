@@ -180,3 +180,59 @@ def test_paco_s_queue_takes_the_last_keys_of_a_batch_larger_than_itself():
     assert int(model.queue_ptr) == 0
     model._enqueue(keys[:2], targets[:2])  # then the oldest slots are overwritten first
     assert torch.equal(model.queue[:2], keys[:2]) and int(model.queue_ptr) == 2
+
+
+def test_ride_s_router_trains_over_frozen_experts_and_routes_at_test_time(digits, tmp_path):
+    """`ccar retrain RUN method=router`: the RIDE run's experts stay as they were, only the routers train; the
+    routed model reports how many experts a test image consulted; the run evaluates and predicts as any other."""
+    from ccar.engine.evaluate_run import evaluate_run
+    from ccar.engine.retrain import retrain
+
+    parent = tmp_path / "ride"
+    train(cfg(digits, parent, "loss.name=ride"), log=lambda *_: None)
+    lines = []
+    metrics = retrain(parent, ["method=router", "epochs=1", "progress=false"], log=lines.append)
+    routed = tmp_path / "ride-router"
+    a, b = load_file(parent / "best.safetensors"), load_file(routed / "best.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))  # experts frozen, BN too
+    assert {k for k in b if k not in a} and all(k.startswith("router.") for k in b if k not in a)
+    r = metrics["routing"]
+    assert r["experts"] == 3 and 1.0 <= r["experts_per_image"] <= 3.0 and r["reached_percent"][0] == 100.0
+    assert any("routed experts:" in line for line in lines)
+    assert evaluate_run(routed, "best")["metrics"]["per_class"] == metrics["per_class"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["method=router"], "method=router routes RIDE's experts"),
+])
+def test_router_needs_a_ride_parent_and_a_ride_parent_needs_the_router(digits, tmp_path, args, message):
+    from ccar.engine.retrain import retrain_config
+
+    train(cfg(digits, tmp_path / "ce", "loss.name=ce", epochs=1), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=message):
+        retrain_config(tmp_path / "ce", args)
+    with pytest.raises(ConfigError, match="loss.name must be another loss: ride-router trains"):
+        load_config(None, FAST + ["loss.name=ride-router"])
+
+
+def test_routed_evaluation_by_hand():
+    """A router that always asks gives the mean of every expert; one that never asks, the first expert alone."""
+    from ccar.models.families import multi_expert
+
+    torch.manual_seed(0)
+    model = multi_expert("cnn", 4, (1, 8, 8), 3, 0.75, width=4, router_top=30).eval()
+    assert model.router.top == 4  # min(router_top, classes)
+    x = torch.randn(5, 1, 8, 8)
+    z = model.expert_logits(x)
+    with torch.no_grad():
+        model.router.out.weight.zero_()
+        model.router.out.bias.fill_(1.0)  # always ask
+        logits, count = model.routed(x)
+        assert torch.allclose(logits, z.mean(0), atol=1e-5) and count.tolist() == [3.0] * 5
+        model.router.out.bias.fill_(-1.0)  # never ask
+        logits, count = model.routed(x)
+        assert torch.allclose(logits, z[0], atol=1e-5) and count.tolist() == [1.0] * 5
+        assert torch.equal(model(x), logits)
+    model.train()
+    out = model(x)
+    assert out["router"].shape == (5, 2) and torch.allclose(out["logits"], out["experts"].mean(0), atol=1e-6)

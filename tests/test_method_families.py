@@ -443,3 +443,26 @@ def test_the_methods_page_worked_examples():
     assert PaCoLoss([3, 1], alpha=1.0, temperature=1.0)(pac, y).item() == pytest.approx(0.754677, abs=1e-6)
     assert build_loss("ccar", [3, 1], base="paco", alpha=1.0, temperature=1.0)(pac, y).item() == pytest.approx(
         0.701021, abs=1e-6)
+
+
+def test_ride_router_targets_and_loss_by_hand():
+    from ccar.losses.router import router_loss, router_targets
+
+    # image 0: expert 1 wrong, 1+2 right -> router 1 asks, router 2 (1+2 right already) does not
+    # image 1: every ensemble wrong -> nobody asks (no larger ensemble is right)
+    # image 2: 1 and 1+2 wrong, 1+2+3 right -> both ask
+    z = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]],
+                      [[3.0, 0.0], [0.0, 0.0], [0.0, 0.5]],
+                      [[0.0, 0.0], [0.0, 5.0], [5.0, 0.0]]])
+    y = torch.tensor([0, 0, 0])
+    assert router_targets(z, y).tolist() == [[True, False], [False, False], [True, True]]
+    logits = torch.tensor([[0.5, -1.0], [0.0, 2.0], [1.0, 1.0]])
+    sp = lambda v: math.log1p(math.exp(v))  # softplus: BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)
+    expected = [(4 * sp(-0.5) + sp(-1.0)) / 2, (sp(0.0) + sp(2.0)) / 2, (4 * sp(-1.0) + 4 * sp(-1.0)) / 2]
+    assert router_loss(z, logits, y, pos_weight=4.0).tolist() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(LossError, match="must be \\(B, E-1\\) = \\(3, 2\\)"):
+        router_loss(z, torch.zeros(3, 3), y)
+    with pytest.raises(LossError, match="ccar: unknown base 'ride-router'"):
+        build_loss("ccar", [3, 1], base="ride-router")
+    with pytest.raises(LossError, match="CCAR does not apply"):
+        build_loss("ride-router", [3, 1], ccar=True)

@@ -18,7 +18,7 @@ EPILOG = """examples:
   ccar train --config configs/cifar100-lt.yaml data_root=~/data loss.base=ldam loss.drw_epoch=160
   ccar train out=runs/ce --resume              # continue an interrupted run
   ccar eval runs/ce posthoc_tau=1.0            # re-evaluate on the test set, with post-hoc logit adjustment
-  ccar retrain runs/ce method=crt               # two-stage decoupling: re-train the classifier (crt, lws, ft, las, ncm)
+  ccar retrain runs/ce method=crt               # two-stage decoupling: re-train the classifier (crt, lws, ft, las, ncm; router for RIDE)
   ccar eval runs/ce tau_norm=auto              # tau-normalised classifier, tau chosen on the validation split
   ccar sweep configs/sweeps/fashion-mnist-lt.yaml
   ccar tune dataset=folder data_root=~/photos budget=15m     # which method for my data? (pip install 'ccar[tune]')
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retrain", help="re-train a finished run's classifier (cRT, LWS or fine-tuning) as a new run")
     r.add_argument("run_dir")
     r.add_argument("--resume", action="store_true", help="continue an interrupted re-training run")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="method=crt|lws|ft|las|ncm (required), epochs=10, ...")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="method=crt|lws|ft|las|ncm|router (required), epochs=10, ...")
     pr = sub.add_parser("predict", help="apply a finished run's model to images, a folder, a CSV or a feature file")
     pr.add_argument("run_dir")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders, .csv files, or feature files; "

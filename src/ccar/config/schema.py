@@ -18,7 +18,7 @@ from ..data.synthetic import GaussianShape
 # Valid values of the keys that take one of a set. The modules that implement them import these names.
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MIX_MODES = ("none", "mixup", "cutmix", "remix")  # ccar.engine.mixing
-RETRAIN_METHODS = ("crt", "lws", "ft", "las", "ncm")  # `ccar retrain RUN method=...` (ccar.engine.decoupling)
+RETRAIN_METHODS = ("crt", "lws", "ft", "las", "ncm", "router")  # `ccar retrain RUN method=...` (ccar.engine.decoupling)
 FINETUNE_MODES = ("full", "linear", "bias", "lora")  # ccar.engine.finetune
 SAM_SCOPES = ("all", "tail")  # ccar.engine.sam
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -26,7 +26,7 @@ OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("auto", "graph", "true", "false")
 FEATURE_NORMS = ("auto", "standardize", "l2", "none")  # model.feature_norm (ccar.models.heads.FeatureNorm)
 # The two method families whose models are not one classifier (ccar.models.families), by loss name
-EXPERT_LOSSES = ("ride", "sade")  # multi-expert models
+EXPERT_LOSSES = ("ride", "sade", "ride-router")  # multi-expert models (ride-router: RIDE's second stage)
 CONTRASTIVE_LOSSES = ("paco", "gpaco", "bcl")  # two views, a projection head (BCL: prototypes; PaCo: a queue)
 TEST_TIME = ("auto", "none", "self-supervised")  # test_time_aggregation (SADE's; ccar.engine.test_time)
 MAX_SEED = 2**31 - 1  # numpy's RandomState takes seeds below 2**32; seed + 1 and seed * 1000 + epoch must fit
@@ -67,6 +67,7 @@ class LossConfig:
     temperature: Optional[float] = None  # paco, gpaco (0.05), bcl (0.07): the contrastive temperature
     ce_weight: Optional[float] = None  # bcl: the weight of the logit-compensated CE (2.0)
     contrast_weight: Optional[float] = None  # bcl: the weight of the balanced contrastive term (0.6)
+    pos_weight: Optional[float] = None  # ride-router: the weight of "ask the next expert" in its binary loss (100)
     smooth_head: Optional[float] = None  # las: label smoothing of the most frequent class (0.4)
     smooth_tail: Optional[float] = None  # las: of the rarest (0.1)
     smooth_shape: Optional[str] = None  # las: concave, linear or convex in between
@@ -111,6 +112,7 @@ class ModelConfig:
     projection: int = 128  # contrastive losses (paco, gpaco, bcl): the projection head's output dimension
     queue: int = 4096  # paco: the momentum encoder's queue of keys (MoCo's); gpaco and bcl have none
     key_momentum: float = 0.999  # paco: the momentum encoder's update, key <- m * key + (1 - m) * online
+    router_top: int = 30  # ccar retrain method=router: the router sees the top k of the experts' mean logits (k <= C)
 
 
 @dataclass

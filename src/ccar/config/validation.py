@@ -113,12 +113,17 @@ def _families(cfg: TrainConfig) -> None:
     _check(m.projection >= 1, "model.projection", "an integer >= 1", m.projection)
     _check(m.queue >= 1, "model.queue", "an integer >= 1 (keys kept by paco's momentum encoder)", m.queue)
     _check(0 <= m.key_momentum < 1, "model.key_momentum", "a number in [0, 1)", m.key_momentum)
+    _check(cfg.retrain != "router" or cfg.loss.name == "ride-router", "loss.name", "ride-router in RIDE's second "
+           "stage (retrain=router)", cfg.loss.name)
+    _check(method != "ride-router" or cfg.retrain == "router", "loss.name", "another loss: ride-router trains RIDE's "
+           "routers over a trained RIDE run (`ccar retrain RUN method=router`)", cfg.loss.name)
+    _check(m.router_top >= 1, "model.router_top", "an integer >= 1", m.router_top)
     if family is None:
         return
-    _check(m.head != "cosine" or method == "ride", "model.head", f"linear or auto with loss {method} (its loss "
-           "takes the logits unscaled: a cosine head's would stay in [-1, 1])", m.head)
+    _check(m.head != "cosine" or method in ("ride", "ride-router"), "model.head", f"linear or auto with loss "
+           f"{method} (its loss takes the logits unscaled: a cosine head's would stay in [-1, 1])", m.head)
     name = f"loss {method}" + (" under ccar" if cfg.loss.name == "ccar" else "")
-    for blocked, key, value in ((cfg.retrain is not None, "retrain", cfg.retrain),
+    for blocked, key, value in ((cfg.retrain not in (None, "router"), "retrain", cfg.retrain),
                                 (cfg.tau_norm is not None, "tau_norm", cfg.tau_norm),
                                 (bool(cfg.posthoc_tau), "posthoc_tau", cfg.posthoc_tau),
                                 (cfg.finetune != "full", "finetune", cfg.finetune),

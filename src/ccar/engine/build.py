@@ -155,7 +155,8 @@ def family_model(cfg: TrainConfig, data: LongTailData, cosine: bool) -> torch.nn
                           f"{data.name} has vectors of {data.input_shape[0]} values")
     if cfg.loss.family == "experts":
         return multi_expert(m.name, data.num_classes, data.input_shape, m.experts or 3, m.expert_width,
-                            width=m.width, depth=m.depth, cosine_head=cosine)
+                            width=m.width, depth=m.depth, cosine_head=cosine,
+                            router_top=m.router_top if cfg.retrain == "router" else 0)
     base = build_model(m.name, data.num_classes, data.input_shape, width=m.width, depth=m.depth, cosine_head=cosine,
                        pretrained=m.pretrained, weights=m.weights)
     if not hasattr(base, "embed"):

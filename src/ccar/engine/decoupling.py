@@ -8,6 +8,8 @@ weight balancing (Alshammari et al. 2022).
 - LAS (MiSLAS's second stage, Zhong et al. 2021): the classifier kept and re-trained with label-aware smoothing
   (``loss.name=las``: the head smoothed most), class-balanced sampling, and BatchNorm's *statistics* shifted to the
   re-sampled data (the backbone runs in training mode; its weights and BatchNorm's affine parameters stay frozen);
+- router (RIDE's second stage, Wang et al. 2021): the experts of a RIDE run frozen (BatchNorm statistics too), its
+  routers trained with class-balanced sampling (``loss.name=ride-router``, :mod:`ccar.losses.router`);
 - NCM: no training; the classifier becomes the nearest class mean: a cosine head whose class vectors are the means
   of the L2-normalised training features of each class (Kang et al. 2020's NCM with cosine similarity); its logits
   are cosine similarities in [-1, 1], so its ECE is not comparable with a trained classifier's;
@@ -38,6 +40,8 @@ TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
 def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch.Tensor], mode: str = "full") -> List[str]:
     """Load the first stage's weights (a run fine-tuned in ``mode``: what it trained), freeze all but what
     ``method`` trains; returns the trainable names."""
+    if method == "router":  # RIDE's second stage: the parent's experts, frozen, under new routers
+        return _prepare_router(model, parent_state)
     head_name = classifier_name(model)
     state = dict(parent_state)
     if method == "ncm":  # the parent's classifier (of its own kind) is replaced; set_class_means fills the new one
@@ -60,6 +64,17 @@ def prepare_retrain(model: nn.Module, method: str, parent_state: Dict[str, torch
             p.requires_grad_(name.startswith(head_name + "."))
         else:
             p.requires_grad_(name == f"{head_name}.scale")
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _prepare_router(model: nn.Module, parent_state: Dict[str, torch.Tensor]) -> List[str]:
+    missing, unexpected = model.load_state_dict(parent_state, strict=False)
+    wrong = [k for k in missing if not k.startswith("router.")]
+    if unexpected or wrong or getattr(model, "router", None) is None:
+        raise ConfigError(f"method=router: the parent run's weights do not fit its experts under a router (missing "
+                          f"{wrong[:3]}, unexpected {unexpected[:3]}); route a run trained with loss.name=ride")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("router."))
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

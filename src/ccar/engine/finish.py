@@ -60,6 +60,11 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         results[which] = evaluate_test_split(run)
     best_epoch, val, how = _selection(run, best_state, history)
     aggregation = test_time_aggregation(run)  # (of the best model, which the loop above left loaded)
+    routing = None
+    if getattr(run.model, "router", None) is not None and run.dist.is_main:  # RIDE's routed experts
+        from .test_time import routing_stats
+
+        routing = routing_stats(run)
     metrics = {
         **{k: results["best"][k] for k in TEST_KEYS},
         "val_top1": val["val_top1"], "val_balanced": val["val_balanced"], "best_epoch": best_epoch,
@@ -73,6 +78,8 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         metrics["parent"] = cfg.parent
     if aggregation is not None:
         metrics["test_agnostic_sade"] = aggregation
+    if routing is not None:
+        metrics["routing"] = routing
     metrics.update(data.reference)  # e.g. the Bayes balanced accuracy of gaussian-lt
     if run.dist.is_main:
         (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -82,6 +89,9 @@ def finish(run: Run, best_state: Optional[Dict[str, torch.Tensor]], history: Lis
         run.log(metrics_table({"best-on-val": results["best"], "last epoch": results["last"]}, data.class_counts))
         if aggregation is not None:
             run.log(sade_table(aggregation))
+        if routing is not None:
+            run.log(f"routed experts: {routing['experts_per_image']:.2f} of {routing['experts']} per test image "
+                    f"(share reaching expert 1, 2, ...: {', '.join(f'{r:.1f} %' for r in routing['reached_percent'])})")
         run.log(f"results: {run.run_dir / 'metrics.json'}" + (f"; figures: {', '.join(str(f) for f in figures)}"
                                                                if figures else ""))
     return metrics

@@ -1,4 +1,5 @@
-"""SADE's test-time self-supervised aggregation, scored as the paper scores it (Zhang et al., NeurIPS 2022).
+"""What multi-expert models do at test time: SADE's test-time self-supervised aggregation, scored as the paper
+scores it (Zhang et al., NeurIPS 2022), and the statistics of RIDE's routed evaluation (:func:`routing_stats`).
 
 A multi-expert model's experts are trained for different label distributions; at test time the weights of their
 ensemble are learnt from the *unlabeled* test inputs alone, by making the aggregated prediction stable between two
@@ -45,6 +46,24 @@ def expert_views(run: Run, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch
                 out.append(model.expert_logits(run.prepare(batch)).float().cpu())
         targets.append(y.cpu())
     return torch.cat(views[0], 1), torch.cat(views[1], 1), torch.cat(targets)
+
+
+@torch.no_grad()
+def routing_stats(run: Run) -> Dict[str, object]:
+    """A routed multi-expert model (RIDE's second stage) on the whole test split: the mean number of experts an
+    image consulted, and the share of images that reached each expert."""
+    model = run.model
+    model.eval()
+    batches = run.eval_batches if not run.dist.enabled else make_loaders(run.data, run.cfg, run.device,
+                                                                         DistContext())[1]
+    counts = []
+    for x, _ in batches(run.data.test):
+        with run.autocast():
+            counts.append(model.routed(run.prepare(x.to(run.device, non_blocking=True)))[1].cpu())
+    count = torch.cat(counts)
+    reached = [round(100.0 * float((count > e).float().mean()), 2) for e in range(len(model.experts))]
+    return {"experts_per_image": round(float(count.mean()), 4), "reached_percent": reached,
+            "experts": len(model.experts)}
 
 
 def subsample(targets: torch.Tensor, prior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -10,11 +10,16 @@ from .modules import CCARLoss, LongTailLoss
 from .stats import CountsLike
 
 FAMILIES = ("ride", "sade", "paco", "gpaco", "bcl")  # losses over a model's several outputs (ccar.models.families)
-LOSS_NAMES = BASES + FAMILIES + ("ccar",)
+ROUTER = "ride-router"  # RIDE's second stage: its routers over the frozen experts (`ccar retrain RUN method=router`)
+LOSS_NAMES = BASES + FAMILIES + (ROUTER, "ccar")
 
 
 def _family(name: str):
     """The module class of a family loss (imported on use: they import the base losses)."""
+    if name == ROUTER:
+        from .router import RIDERouterLoss
+
+        return RIDERouterLoss
     if name in ("ride", "sade"):
         from .experts import RIDELoss, SADELoss
 
@@ -29,7 +34,8 @@ def build_loss(name: str, class_counts: Optional[CountsLike] = None, **options) 
 
     Names: ``ce``, ``focal``, ``cb`` (class-balanced CE; ``form="focal"`` or the name ``cb-focal`` for its focal
     form), ``ldam``, ``la``, ``bs``, ``vs``; the families over several model outputs ``ride``, ``sade`` (multiple
-    experts), ``paco``, ``gpaco``, ``bcl`` (contrastive; called as ``loss_fn(outputs, targets)``); and ``ccar``
+    experts), ``paco``, ``gpaco``, ``bcl`` (contrastive; called as ``loss_fn(outputs, targets)``), ``ride-router``
+    (RIDE's routers, its second stage); and ``ccar``
     (``base=`` one of the others, plus the base's options).
     Every loss takes ``reduction`` and ``drw_epoch``/``drw_beta``; losses that need the epoch (DRW) are told it
     with ``loss_fn.set_epoch(epoch)``.
@@ -51,6 +57,6 @@ def build_loss(name: str, class_counts: Optional[CountsLike] = None, **options) 
         return CCARLoss(class_counts, base=base, **options)
     if "base" in options:
         raise LossError(f"{name}: 'base' is an option of 'ccar' only (loss.name=ccar loss.base={options['base']})")
-    if name in FAMILIES:
+    if name in FAMILIES + (ROUTER,):
         return _family(name)(class_counts, **options)
     return LongTailLoss(name, class_counts, **options)

@@ -58,18 +58,47 @@ class _Expert(nn.Module):
     def __init__(self, layers: nn.Module, width: int, num_classes: int, cosine_head: bool):
         super().__init__()
         self.layers, self.fc = layers, make_head(width, num_classes, cosine_head)
+        self.width = width
+
+    def parts(self, h):
+        """(pooled features, logits)."""
+        feature = self.layers(h).mean((2, 3))
+        return feature, self.fc(feature)
 
     def forward(self, h):
-        return self.fc(self.layers(h).mean((2, 3)))
+        return self.parts(h)[1]
+
+
+ROUTER_HIDDEN = 16  # RIDE's expert_hidden_fc_output_dim
+
+
+class _Router(nn.Module):
+    """RIDE's routers: router i (after expert i, 0-based, for i < E-1) sees the L2-normalised pooled features of
+    expert i through its own ``Linear(width, 16)`` + ReLU, beside the top ``top`` values of the mean logits of experts
+    0..i (times ``scale``: RIDE's model multiplies cosine logits by s = 30 before its routers see them); a shared
+    ``Linear(16 + top, 1)`` gives the logit of "ask the next expert"."""
+
+    def __init__(self, widths, top: int, scale: float):
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(w, ROUTER_HIDDEN) for w in widths)
+        self.out = nn.Linear(ROUTER_HIDDEN + top, 1)
+        self.top, self.scale = top, scale
+
+    def forward(self, i: int, feature: torch.Tensor, mean_logits: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.hidden[i](F.normalize(feature, dim=1)))
+        top = torch.topk(mean_logits * self.scale, self.top, dim=1).values
+        return self.out(torch.cat([top.to(hidden.dtype), hidden], dim=1)).squeeze(1)
 
 
 class MultiExpert(nn.Module):
-    """A shared ``trunk`` and E ``experts``: training returns ``{"logits": mean, "experts": (E, B, C)}``, evaluation
-    the experts' logits averaged with ``expert_weights`` (E values summing to 1; equal by default)."""
+    """A shared ``trunk`` and E ``experts``: training returns ``{"logits": mean, "experts": (E, B, C)}`` (and
+    ``"router"`` (B, E-1) with a ``router``), evaluation the experts' logits averaged with ``expert_weights`` (E
+    values summing to 1; equal by default) -- or, with a ``router``, routed: each image consults experts in order
+    until its router says enough, and gets the mean of those it consulted (:meth:`routed`)."""
 
-    def __init__(self, trunk: nn.Module, experts: nn.ModuleList):
+    def __init__(self, trunk: nn.Module, experts: nn.ModuleList, router: Optional[_Router] = None):
         super().__init__()
-        self.trunk, self.experts = trunk, experts
+        self.trunk, self.experts, self.router = trunk, experts, router
         self.register_buffer("expert_weights", torch.full((len(experts),), 1.0 / len(experts)))
 
     @property
@@ -81,17 +110,47 @@ class MultiExpert(nn.Module):
         return torch.stack([expert(h) for expert in self.experts])
 
     def forward(self, x: torch.Tensor):
+        if self.router is not None:
+            return self._train_router(x) if self.training else self.routed(x)[0]
         z = self.expert_logits(x)
         if self.training:
             return {"logits": z.mean(0), "experts": z}
         return torch.einsum("e,ebc->bc", self.expert_weights.to(z.dtype), z)
 
+    def _train_router(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        features, logits = zip(*(expert.parts(h) for expert in self.experts))
+        z = torch.stack(logits)
+        running = z.float().cumsum(0) / torch.arange(1, len(z) + 1, device=z.device).view(-1, 1, 1)
+        router = torch.stack([self.router(i, features[i], running[i]) for i in range(len(z) - 1)], dim=1)
+        return {"logits": z.mean(0), "experts": z, "router": router}
+
+    @torch.no_grad()
+    def routed(self, x: torch.Tensor):
+        """(logits (B, C), experts consulted per image (B,)): expert 1 for every image; then, while its router's
+        logit is > 0 (probability > 0.5), each image asks the next expert, which runs on those images only."""
+        h = self.trunk(x)
+        feature, total = self.experts[0].parts(h)
+        total = total.float()
+        count = torch.ones(len(x), device=x.device)
+        rows = torch.arange(len(x), device=x.device)
+        for i in range(1, len(self.experts)):
+            ask = self.router(i - 1, feature, total[rows] / count[rows].unsqueeze(1)) > 0
+            rows, feature = rows[ask], feature[ask]
+            if not len(rows):
+                break
+            feature, z = self.experts[i].parts(h[rows])
+            total[rows] += z.float()
+            count[rows] += 1
+        return total / count.unsqueeze(1), count
+
 
 def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_width: float, *, width: int = 32,
-                 depth: int = 32, cosine_head: bool = False) -> MultiExpert:
+                 depth: int = 32, cosine_head: bool = False, router_top: int = 0) -> MultiExpert:
     """RIDE's architecture (also SADE's) over ccar's ResNet-32 or compact CNN: the stem and first stage shared, each
     expert its own second and third stages at ``expert_width`` of their widths (ResNet-32 at 0.75: 24 and 48
-    channels, as RIDE's), its pooling and its classifier."""
+    channels, as RIDE's), its pooling and its classifier; ``router_top`` > 0 adds RIDE's routers (seeing the top
+    ``min(router_top, classes)`` mean logits, scaled by 30 for cosine heads as RIDE's s)."""
     if experts < 2:
         raise ConfigError(f"model.experts must be at least 2 for a multi-expert model; got {experts}")
     c = input_shape[0]
@@ -126,7 +185,10 @@ def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_
     else:
         raise ConfigError(f"multi-expert models (model.experts > 1) are built over resnet32 or cnn; got "
                           f"model.name={name}")
-    model = MultiExpert(trunk, nn.ModuleList(branch() for _ in range(experts)))
+    branches = nn.ModuleList(branch() for _ in range(experts))
+    router = (_Router([b.width for b in branches][:-1], min(router_top, num_classes), 30.0 if cosine_head else 1.0)
+              if router_top > 0 else None)
+    model = MultiExpert(trunk, branches, router)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight)
