@@ -139,12 +139,14 @@ def test_families_in_a_sweep_report_their_pairs_and_sade_s_aggregation(digits, t
                      "model": {"width": 4}, "optim": {"batch_size": 32}, "threads": 1},
             "seeds": [0],
             "methods": {"SADE": {"loss.name": "sade"}, "CCAR-SADE": {"loss.name": "ccar", "loss.base": "sade"},
-                        "GPaCo": {"loss.name": "gpaco"}},
+                        "GPaCo": {"loss.name": "gpaco"},
+                        "RIDE+router": {"loss.name": "ride", "stage2": {"method": "router", "epochs": 1}}},
             "report": {"baselines": {"CCAR-SADE": "SADE"}}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     text = run_sweep(str(tmp_path / "s.yaml"), log=lambda *_: None).read_text()
     rows = read_results(tmp_path / "sweep" / "results.jsonl")
-    assert sorted(r["method"] for r in rows) == ["CCAR-SADE", "GPaCo", "SADE"]
+    assert sorted(r["method"] for r in rows) == ["CCAR-SADE", "GPaCo", "RIDE+router", "SADE"]
+    assert "RIDE's router: experts consulted per test image" in text and "| RIDE+router | " in text
     assert "CCAR-SADE − SADE" in text and "SADE's test-time aggregation" in text
     assert "| CCAR-SADE | self-supervised |" in text and "| GPaCo | self-supervised |" not in text
 
@@ -199,6 +201,10 @@ def test_ride_s_router_trains_over_frozen_experts_and_routes_at_test_time(digits
     r = metrics["routing"]
     assert r["experts"] == 3 and 1.0 <= r["experts_per_image"] <= 3.0 and r["reached_percent"][0] == 100.0
     assert any("routed experts:" in line for line in lines)
+    from ccar.engine.scoring import eval_logit_scale
+
+    routed_cfg = load_config(str(routed / "config.yaml"))  # scored in the experts' units (s = 30), as RIDE's run
+    assert eval_logit_scale(routed_cfg) == 30.0
     assert evaluate_run(routed, "best")["metrics"]["per_class"] == metrics["per_class"]
 
 

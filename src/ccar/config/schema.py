@@ -56,7 +56,7 @@ class LossConfig:
     form: Optional[str] = None  # cb: ce or focal
     tau: Optional[float] = None  # la, vs, bcl: the logit adjustment tau * log(prior)
     max_margin: Optional[float] = None  # ldam, ride: the margin of the rarest class (margins proportional to n^-1/4)
-    scale: Optional[float] = None  # ldam, ride: the scale of the logits after the margin
+    scale: Optional[float] = None  # ldam, ride: the scale of the logits after the margin (ride-router: the RIDE run's)
     diversity_weight: Optional[float] = None  # ride: the factor of the KL between each expert and the ensemble
     # (-0.2: rewards disagreement, RIDE's)
     base_temperature: Optional[float] = None  # ride: the diversity term's softmax temperature (1.0)
@@ -88,7 +88,7 @@ class LossConfig:
 
     @property
     def uses_ldam(self) -> bool:  # (RIDE's experts train with LDAM: a cosine classifier each)
-        return self.method in ("ldam", "ride")
+        return self.method in ("ldam", "ride", "ride-router")
 
     @property
     def family(self) -> Optional[str]:

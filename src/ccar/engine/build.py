@@ -156,7 +156,8 @@ def family_model(cfg: TrainConfig, data: LongTailData, cosine: bool) -> torch.nn
     if cfg.loss.family == "experts":
         return multi_expert(m.name, data.num_classes, data.input_shape, m.experts or 3, m.expert_width,
                             width=m.width, depth=m.depth, cosine_head=cosine,
-                            router_top=m.router_top if cfg.retrain == "router" else 0)
+                            router_top=m.router_top if cfg.retrain == "router" else 0,
+                            router_scale=float(cfg.loss.scale or 30.0) if cosine else 1.0)
     base = build_model(m.name, data.num_classes, data.input_shape, width=m.width, depth=m.depth, cosine_head=cosine,
                        pretrained=m.pretrained, weights=m.weights)
     if not hasattr(base, "embed"):

@@ -51,7 +51,8 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
     cosine = parent.model.head == "cosine" or (parent.model.head == "auto" and parent.loss.uses_ldam)
     cfg.model.head = "cosine" if cosine or method == "ncm" else "linear"  # the parent's classifier type, whatever
     # the new loss; NCM's class means are a cosine head
-    cfg.loss = LossConfig(name={"las": "las", "router": "ride-router"}.get(method, "ce"), base=None)
+    cfg.loss = LossConfig(name={"las": "las", "router": "ride-router"}.get(method, "ce"), base=None,
+                          scale=parent.loss.scale if method == "router" else None)  # (the experts' units)
     cfg.epochs, cfg.sampler, cfg.sampler_epoch = 10, "class-balanced", 0
     cfg.optim.warmup_epochs, cfg.optim.schedule = 0, "cosine"
     if method == "router":  # RIDE's CIFAR router recipe: 5 epochs, lr 0.01, Nesterov

@@ -50,17 +50,20 @@ def router_loss(experts: torch.Tensor, router_logits: torch.Tensor, targets: tor
 
 class RIDERouterLoss(FamilyLoss):
     """:func:`router_loss` over a routed multi-expert model's training outputs (``"experts"`` (E, B, C),
-    ``"router"`` (B, E-1)); the option ``pos_weight`` (100). Trained by ``ccar retrain RUN method=router``."""
+    ``"router"`` (B, E-1)); options ``pos_weight`` (100) and ``scale`` (30: the RIDE run's logit scale s, the units
+    its routers' inputs and its evaluation take; the routing targets, argmaxes, do not depend on it). Trained by
+    ``ccar retrain RUN method=router``."""
 
     name = "ride-router"
-    OPTIONS = ("pos_weight",)
+    OPTIONS = ("pos_weight", "scale")
 
     def __init__(self, class_counts: CountsLike, reduction: str = "mean", *, pos_weight: float = 100.0,
-                 ccar: bool = False, **unknown):
+                 scale: float = 30.0, ccar: bool = False, **unknown):
         if ccar:
             raise LossError("ride-router trains RIDE's router, not a classifier: CCAR does not apply to it")
         super().__init__(class_counts, reduction, False, {}, unknown)
         self.pos_weight = _number(pos_weight, "pos_weight", self.name, 0.0, strict=True)
+        self.scale = _number(scale, "scale", self.name, 0.0, strict=True)
 
     def forward(self, outputs, targets: torch.Tensor) -> torch.Tensor:
         experts = self._output(outputs, "experts", "each expert's logits, (E, B, C)")

@@ -146,11 +146,12 @@ class MultiExpert(nn.Module):
 
 
 def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_width: float, *, width: int = 32,
-                 depth: int = 32, cosine_head: bool = False, router_top: int = 0) -> MultiExpert:
+                 depth: int = 32, cosine_head: bool = False, router_top: int = 0,
+                 router_scale: float = 1.0) -> MultiExpert:
     """RIDE's architecture (also SADE's) over ccar's ResNet-32 or compact CNN: the stem and first stage shared, each
     expert its own second and third stages at ``expert_width`` of their widths (ResNet-32 at 0.75: 24 and 48
     channels, as RIDE's), its pooling and its classifier; ``router_top`` > 0 adds RIDE's routers (seeing the top
-    ``min(router_top, classes)`` mean logits, scaled by 30 for cosine heads as RIDE's s)."""
+    ``min(router_top, classes)`` mean logits times ``router_scale``: RIDE's s for cosine heads)."""
     if experts < 2:
         raise ConfigError(f"model.experts must be at least 2 for a multi-expert model; got {experts}")
     c = input_shape[0]
@@ -186,7 +187,7 @@ def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_
         raise ConfigError(f"multi-expert models (model.experts > 1) are built over resnet32 or cnn; got "
                           f"model.name={name}")
     branches = nn.ModuleList(branch() for _ in range(experts))
-    router = (_Router([b.width for b in branches][:-1], min(router_top, num_classes), 30.0 if cosine_head else 1.0)
+    router = (_Router([b.width for b in branches][:-1], min(router_top, num_classes), router_scale)
               if router_top > 0 else None)
     model = MultiExpert(trunk, branches, router)
     for m in model.modules():

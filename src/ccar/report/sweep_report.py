@@ -436,7 +436,7 @@ def agnostic_table(methods, order: Sequence[str]) -> List[str]:
         lines.append("| oracle: CE + post-hoc LA to the known test prior | " + " | ".join(
             _cell(*mean_std([r["metrics"]["test_agnostic_oracle"][k] for r in methods["CE"]])) for k in AGNOSTIC_COLUMNS)
             + " |")
-    return lines + [""] + sade_aggregation_table(methods, order)
+    return lines + [""] + sade_aggregation_table(methods, order) + routing_table(methods, order)
 
 
 def sade_aggregation_table(methods, order: Sequence[str]) -> List[str]:
@@ -454,6 +454,24 @@ def sade_aggregation_table(methods, order: Sequence[str]) -> List[str]:
             lines.append(f"| {name} | {label} | " + " | ".join(
                 _cell(*mean_std([r["metrics"]["test_agnostic_sade"][k][field] for r in methods[name]]))
                 for k in AGNOSTIC_COLUMNS) + " |")
+    return lines + [""]
+
+
+def routing_table(methods, order: Sequence[str]) -> List[str]:
+    """RIDE's routed experts (``ccar retrain RUN method=router``): experts consulted per test image and the share of
+    images reaching each expert, mean ± std."""
+    names = [m for m in order if m in methods and all(r["metrics"].get("routing") for r in methods[m])]
+    if not names:
+        return []
+    experts = max(r["metrics"]["routing"]["experts"] for m in names for r in methods[m])
+    lines = ["RIDE's router: experts consulted per test image, and the share of test images (%) reaching each "
+             "expert:", "", "| method | experts per image | " + " | ".join(f"expert {e + 1}" for e in range(experts))
+             + " |", "|---" * (experts + 2) + "|"]
+    for name in names:
+        rows = [r["metrics"]["routing"] for r in methods[name]]
+        reached = [[r["reached_percent"][e] for r in rows if e < len(r["reached_percent"])] for e in range(experts)]
+        lines.append(f"| {name} | " + _cell(*mean_std([r["experts_per_image"] for r in rows]), digits=2) + " | "
+                     + " | ".join(_cell(*mean_std(values)) for values in reached) + " |")
     return lines + [""]
 
 

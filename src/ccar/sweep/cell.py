@@ -106,7 +106,7 @@ def _complete(cell: Cell, run_dir: str, cfg, metrics: Dict[str, Any], common: Li
         metrics = _train_or_leave(cfg, (Path(out2) / "checkpoint.safetensors").exists(), nproc)
     keep = ("top1", "balanced", "per_class", "many", "medium", "few", "groups", "ece", "val_top1", "val_balanced",
             "best_epoch", "epochs", "seconds", "class_counts", "bayes_balanced_accuracy", "test_agnostic",
-            "test_agnostic_oracle", "test_agnostic_sade")
+            "test_agnostic_oracle", "test_agnostic_sade", "routing")
     return {"key": cell.key, "method": cell.method, "values": cell.values, "tuned": cell.tuned, "seed": cell.seed,
             "config": to_dict(cfg), "metrics": {k: metrics[k] for k in keep if k in metrics},
             "last": {k: metrics["last"][k] for k in ("top1", "balanced", "groups", "many", "medium", "few")},
