@@ -242,3 +242,14 @@ def test_routed_evaluation_by_hand():
     model.train()
     out = model(x)
     assert out["router"].shape == (5, 2) and torch.allclose(out["logits"], out["experts"].mean(0), atol=1e-6)
+
+
+def test_a_multi_expert_resnet_on_large_images_starts_with_the_single_model_s_downsampling_stem():
+    from ccar.models import STEM_FROM
+    from ccar.models.families import multi_expert
+
+    big = multi_expert("resnet32", 5, (3, STEM_FROM, STEM_FROM), 3, 0.75, depth=8)
+    small = multi_expert("resnet32", 5, (3, 32, 32), 3, 0.75, depth=8)
+    assert big.trunk[0].stride == (2, 2) and isinstance(big.trunk[3], torch.nn.MaxPool2d)
+    assert small.trunk[0].stride == (1, 1) and isinstance(small.trunk[3], torch.nn.Identity)
+    assert big.eval()(torch.randn(1, 3, STEM_FROM, STEM_FROM)).shape == (1, 5)

@@ -24,9 +24,9 @@ import torch
 from ..config import load_config
 from ..data import Augment, ImageFileDataset, ImageFiles, normalize
 from ..data.folders import IMAGE_EXTENSIONS, decode_image
+from ..data.loaders import random_crop_flip
 from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
 from ..errors import ConfigError, DataError
-from ..data.loaders import random_crop_flip
 from ..losses import posthoc_logit_adjustment
 from ..losses.experts import fit_expert_weights
 from . import checkpoint as ckpt

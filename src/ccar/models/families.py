@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import STEM_FROM
 from .heads import make_head
 
 
@@ -159,8 +160,9 @@ def multi_expert(name: str, num_classes: int, input_shape, experts: int, expert_
         if (depth - 2) % 6:
             raise ConfigError(f"model.depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        trunk = nn.Sequential(nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                              *[_Block(16, 16, 1) for _ in range(n)])
+        stem = min(input_shape[1:]) >= STEM_FROM  # large inputs: the single model's stride-4 entry
+        trunk = nn.Sequential(nn.Conv2d(c, 16, 3, 2 if stem else 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.MaxPool2d(3, 2, 1) if stem else nn.Identity(), *[_Block(16, 16, 1) for _ in range(n)])
         mid, last = (max(2, 2 * round(planes * expert_width / 2)) for planes in (32, 64))
 
         def branch():
