@@ -214,7 +214,7 @@ def test_las_retrain_shifts_batchnorm_statistics_and_nothing_else_of_the_backbon
 
 
 def test_retrain_errors(first_stage, tmp_path):
-    with pytest.raises(ConfigError, match="method=crt, method=lws, method=ft, method=las or method=ncm"):
+    with pytest.raises(ConfigError, match="method=crt, method=lws, method=ft, method=las, method=ncm or method=router"):
         retrain_config(first_stage, [])
     with pytest.raises(ConfigError, match="not a finished ccar run"):
         retrain_config(tmp_path, ["method=crt"])

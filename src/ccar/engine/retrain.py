@@ -39,7 +39,8 @@ def retrain_config(run_dir: Path, overrides: Sequence[str] = ()):
         else:
             rest.append(item)
     if method not in METHODS:
-        raise ConfigError(f"ccar retrain needs method={', method='.join(METHODS)}, got {method!r}")
+        raise ConfigError(f"ccar retrain needs method={', method='.join(METHODS[:-1])} or method={METHODS[-1]} "
+                          f"(router: a RIDE run's second stage), got {method!r}")
     parent = load_config(str(config))
     if parent.retrain:
         raise ConfigError(f"{run_dir} is itself a retrained run; retrain its parent {parent.parent} instead")
