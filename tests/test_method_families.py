@@ -466,3 +466,6 @@ def test_ride_router_targets_and_loss_by_hand():
         build_loss("ccar", [3, 1], base="ride-router")
     with pytest.raises(LossError, match="CCAR does not apply"):
         build_loss("ride-router", [3, 1], ccar=True)
+    with pytest.raises(LossError, match="ride-router: unknown option\\(s\\) omega; options of 'ride-router': "
+                                        "pos_weight, scale, reduction$"):
+        build_loss("ride-router", [3, 1], omega=0.5)

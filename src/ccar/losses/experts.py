@@ -91,12 +91,13 @@ class FamilyLoss(nn.Module):
     takes_outputs = True
     name = "family"
     OPTIONS: tuple = ()
+    CCAR = True  # whether CCAR can weight this loss (its options are then valid too)
 
     def __init__(self, class_counts: CountsLike, reduction: str, ccar: bool, ccar_options: Dict[str, object],
                  unknown: Dict[str, object]):
         super().__init__()
         if unknown:
-            valid = ", ".join(self.OPTIONS + ("reduction", "ccar") + tuple(CCAR_DEFAULTS))
+            valid = ", ".join(self.OPTIONS + ("reduction",) + (("ccar",) + tuple(CCAR_DEFAULTS) if self.CCAR else ()))
             raise LossError(f"{self.name}: unknown option(s) {', '.join(sorted(unknown))}; options of "
                             f"{self.name!r}: {valid}")
         LF._check_reduction(reduction)

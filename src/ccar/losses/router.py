@@ -56,6 +56,7 @@ class RIDERouterLoss(FamilyLoss):
 
     name = "ride-router"
     OPTIONS = ("pos_weight", "scale")
+    CCAR = False
 
     def __init__(self, class_counts: CountsLike, reduction: str = "mean", *, pos_weight: float = 100.0,
                  scale: float = 30.0, ccar: bool = False, **unknown):
