@@ -24,7 +24,6 @@ import torch
 from ..config import load_config
 from ..data import Augment, ImageFileDataset, ImageFiles, normalize
 from ..data.folders import IMAGE_EXTENSIONS, decode_image
-from ..data.loaders import random_crop_flip
 from ..data.tabular import TabularPreprocessing, read_feature_rows, read_frame
 from ..errors import ConfigError, DataError
 from ..losses import posthoc_logit_adjustment
@@ -35,6 +34,7 @@ from .decoupling import TauNorm, resolve_tau_norm
 from .finetune import load_trained
 from .runtime import resolve_device, resolve_precision
 from .scoring import chosen_tau, eval_logit_scale
+from .test_time import two_view_logits
 
 class _Described:
     """A stand-in for :class:`LongTailData` built from ``data.json`` (what the model and normalisation need)."""
@@ -108,17 +108,10 @@ def _batches(desc, inputs: Sequence[str], run_dir: Path, batch_size: int = 256):
 
 @torch.no_grad()
 def _self_supervised(model, batches, desc, device, precision, seed: int, log) -> torch.Tensor:
-    """SADE's test-time aggregation on the inputs themselves: the expert weights learnt from two views of them (as
-    evaluated, and a seeded random crop/flip), then the weighted experts' logits (N, C) of the first view."""
-    generator = torch.Generator().manual_seed(seed)
-    views: Tuple[list, list] = ([], [])
-    for x in batches:
-        x = x.to(device)
-        second = random_crop_flip(x, max(desc.augment.crop_padding, 2), desc.augment.flip, generator)
-        for out, batch in zip(views, (x, second)):
-            with precision.autocast(device):
-                out.append(model.expert_logits(normalize(batch, desc.augment)).float().cpu())
-    v1, v2 = torch.cat(views[0], 1), torch.cat(views[1], 1)
+    """SADE's test-time aggregation on the inputs themselves: the expert weights learnt from two views of them
+    (:func:`~ccar.engine.test_time.two_view_logits`), then the weighted experts' logits (N, C) of the first view."""
+    v1, v2 = two_view_logits(model, (x.to(device) for x in batches), desc.augment,
+                             lambda b: normalize(b, desc.augment), lambda: precision.autocast(device), seed)
     weights = fit_expert_weights(v1, v2, generator=torch.Generator().manual_seed(seed + 2))
     if log is not None:
         log(f"test_time_aggregation=self-supervised: expert weights {', '.join(f'{float(w):.3f}' for w in weights)} "

@@ -15,7 +15,7 @@ The test labels play no part in the weights: they only score the result. The mod
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 
@@ -28,24 +28,42 @@ from .run import Run
 
 
 @torch.no_grad()
-def expert_views(run: Run, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The experts' logits (E, N, C) of two views of every test image -- as evaluated, and another random crop
-    and flip (seeded) -- and the labels (N,), on the CPU."""
-    model, augment = run.model, run.data.augment
-    model.eval()
+def two_view_logits(model, images: Iterable[torch.Tensor], augment, prepare: Callable, autocast: Callable,
+                    seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The experts' logits (E, N, C), on the CPU, of two views of every raw image batch in ``images`` (on the
+    model's device): as evaluated, and another random crop (at least 2 px) and flip drawn from a generator seeded
+    with ``seed``. ``prepare`` normalises a raw batch; ``autocast()`` is the run's precision context."""
     generator = torch.Generator().manual_seed(seed)
     views: Tuple[list, list] = ([], [])
-    targets = []
-    batches = run.eval_batches if not run.dist.enabled else make_loaders(run.data, run.cfg, run.device,
-                                                                         DistContext())[1]  # (the whole split)
-    for x, y in batches(run.data.test):
-        x = x.to(run.device, non_blocking=True)
+    for x in images:
         second = random_crop_flip(x, max(augment.crop_padding, 2), augment.flip, generator) if x.ndim == 4 else x
         for out, batch in zip(views, (x, second)):
-            with run.autocast():
-                out.append(model.expert_logits(run.prepare(batch)).float().cpu())
-        targets.append(y.cpu())
-    return torch.cat(views[0], 1), torch.cat(views[1], 1), torch.cat(targets)
+            with autocast():
+                out.append(model.expert_logits(prepare(batch)).float().cpu())
+    return torch.cat(views[0], 1), torch.cat(views[1], 1)
+
+
+def _test_batches(run: Run):
+    """The whole test split's batches (under torchrun too: rank 0 scores it alone)."""
+    loader = run.eval_batches if not run.dist.enabled else make_loaders(run.data, run.cfg, run.device,
+                                                                        DistContext())[1]
+    return loader(run.data.test)
+
+
+@torch.no_grad()
+def expert_views(run: Run, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' logits (E, N, C) of two views of every test image (:func:`two_view_logits`) and the labels
+    (N,), on the CPU."""
+    run.model.eval()
+    targets = []
+
+    def images():
+        for x, y in _test_batches(run):
+            targets.append(y.cpu())
+            yield x.to(run.device, non_blocking=True)
+
+    v1, v2 = two_view_logits(run.model, images(), run.data.augment, run.prepare, run.autocast, seed)
+    return v1, v2, torch.cat(targets)
 
 
 @torch.no_grad()
@@ -54,10 +72,8 @@ def routing_stats(run: Run) -> Dict[str, object]:
     image consulted, and the share of images that reached each expert."""
     model = run.model
     model.eval()
-    batches = run.eval_batches if not run.dist.enabled else make_loaders(run.data, run.cfg, run.device,
-                                                                         DistContext())[1]
     counts = []
-    for x, _ in batches(run.data.test):
+    for x, _ in _test_batches(run):
         with run.autocast():
             counts.append(model.routed(run.prepare(x.to(run.device, non_blocking=True)))[1].cpu())
     count = torch.cat(counts)
